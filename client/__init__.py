@@ -1,0 +1,1 @@
+"""The embedserve Python client (see the README's "Clients" section)."""

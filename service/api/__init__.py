@@ -1,0 +1,1 @@
+"""The gRPC transport: validate requests, call the inference layer, encode responses."""

@@ -1,0 +1,220 @@
+"""Server configuration: one table of options gives the flags, the environment
+variables, their defaults and the README's configuration table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "EMBEDSERVE_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path | None = None
+    model_name: str | None = None
+    reranker: Path | None = None
+    reranker_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 64
+    max_inputs: int = 512
+    max_queue_tokens: int = 65536
+    stream_window: int = 16
+    bulk_aging_ms: int = 1000
+    max_input_tokens: int | None = None
+    min_dimensions: int | None = None
+    default_instruction: str | None = None
+    pooling: str | None = None
+    truncation: str = "end"
+    max_message_mb: int = 16
+    grace_period_s: float = 30.0
+    drain_delay_s: float = 0.0
+    warmup: bool = True
+    log_level: str = "info"
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the ServerConfig field
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "model",
+        "Embedding model folder (sentence-transformers or Qwen3-Embedding). "
+        "Default: the packaged all-MiniLM-L6-v2.",
+        Path,
+    ),
+    Option("model_name", "Name clients use for the embedding model. Default: the folder's name."),
+    Option(
+        "reranker",
+        "Reranker folder (Qwen3-Reranker or a cross-encoder). Default: none; "
+        "Rerank then uses embedding similarity.",
+        Path,
+    ),
+    Option("reranker_name", "Name clients use for the reranker. Default: the folder's name."),
+    Option("host", "Address to listen on."),
+    Option("port", "Port to listen on; 0 picks a free one (logged at start).", _non_negative_int),
+    Option("device", "auto, cpu, cuda or cuda:N. auto takes the GPU when there is one."),
+    Option("dtype", "Weights precision.", choices=("auto", "float32", "float16", "bfloat16")),
+    Option("threads", "Torch intra-op threads on the CPU; 0 uses every core.", _non_negative_int),
+    Option(
+        "max_batch_tokens", "Token budget of one forward pass, padding included.", _positive_int
+    ),
+    Option("max_batch_size", "Most sequences in one forward pass.", _positive_int),
+    Option(
+        "max_inputs",
+        "Most inputs (texts or documents) in one request or stream item.",
+        _positive_int,
+    ),
+    Option(
+        "max_queue_tokens",
+        "Tokens each lane may queue; interactive calls past it get "
+        "RESOURCE_EXHAUSTED, streams wait.",
+        _positive_int,
+    ),
+    Option(
+        "stream_window",
+        "Items one stream may have in flight before the server stops reading it.",
+        _positive_int,
+    ),
+    Option(
+        "bulk_aging_ms",
+        "Head start interactive work has over bulk work; bulk older than "
+        "this competes as equal, so it never starves.",
+        _non_negative_int,
+    ),
+    Option(
+        "max_input_tokens",
+        "Lower the models' max input tokens. Default: each model's own.",
+        _positive_int,
+    ),
+    Option(
+        "min_dimensions",
+        "Smallest MRL dimension the embedding model serves. Default: 32 "
+        "for Qwen3-Embedding, the full dimension otherwise.",
+        _positive_int,
+    ),
+    Option(
+        "default_instruction",
+        "Query instruction when a request gives none. Default: the "
+        "model's (Qwen3's web-search task; sentence-transformers' query prompt).",
+    ),
+    Option("pooling", "Override the embedding pooling.", choices=("mean", "cls", "last_token")),
+    Option(
+        "truncation",
+        "Truncation policy for requests that leave it unspecified.",
+        choices=("error", "end", "start"),
+    ),
+    Option("max_message_mb", "Largest request or response message, in MiB.", _positive_int),
+    Option(
+        "grace_period_s",
+        "On SIGTERM, how long accepted work may take to finish.",
+        _non_negative_float,
+    ),
+    Option(
+        "drain_delay_s",
+        "On SIGTERM, how long to keep accepting calls after health turns "
+        "NOT_SERVING, so that balancers move away first.",
+        _non_negative_float,
+    ),
+    Option("warmup", "Run a full-size batch before reporting SERVING.", _bool),
+    Option("log_level", "Log level.", choices=("debug", "info", "warning", "error")),
+)
+
+_DEFAULTS = ServerConfig()
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None
+) -> None:
+    """Every option as a flag whose default comes from its environment variable."""
+    environ = os.environ if environ is None else environ
+    for option in OPTIONS:
+        default = getattr(_DEFAULTS, option.name)
+        raw = environ.get(option.env)
+        if raw is not None:
+            try:
+                default = option.parse(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{option.env}={raw!r}: {exc}")
+            if option.choices is not None and default not in option.choices:
+                parser.error(f"{option.env}={raw!r}: choose from {', '.join(option.choices)}")
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            type=option.parse,
+            choices=option.choices,
+            default=default,
+            help=f"{option.help} [env {option.env}; default {getattr(_DEFAULTS, option.name)}]",
+        )
+
+
+def from_namespace(namespace: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(namespace, f.name) for f in fields(ServerConfig)})
+
+
+def markdown_table() -> str:
+    """The README's configuration table (kept true by a test)."""
+    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        default = getattr(_DEFAULTS, option.name)
+        if default is None:
+            shown = "—"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default}`"
+        meaning = option.help + (f" One of {', '.join(option.choices)}." if option.choices else "")
+        rows.append(f"| `{option.flag}` | `{option.env}` | {shown} | {meaning} |")
+    return "\n".join(rows)

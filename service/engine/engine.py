@@ -1,0 +1,262 @@
+"""One engine a served model: admission, the batching loop, deadlines and cancellation.
+
+The public surface is ``tokenize`` (run adapter code on the tokenizer thread) and
+``compute`` (queue token sequences, await one output row each). Everything that
+touches the queue runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from embedserve.service.engine.errors import DeadlineExpired, ForwardFailed, NotReady, Overloaded
+from embedserve.service.engine.limits import BatchLimits
+from embedserve.service.engine.runner import BatchRunner
+from embedserve.service.engine.scheduler import Scheduler
+from embedserve.service.engine.stats import EngineStats
+from embedserve.service.engine.tokenizer_pool import TokenizerPool
+from embedserve.service.engine.work import Lane, Outcome, QueuedSequence, WorkRequest
+from embedserve.service.models.base import ModelAdapter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ComputeResult:
+    outputs: np.ndarray
+    queue_s: float
+    inference_s: float
+
+
+class Engine:
+    def __init__(self, adapter: ModelAdapter, limits: BatchLimits) -> None:
+        limits.validate(adapter.max_input_tokens)
+        self.adapter = adapter
+        self.limits = limits
+        self.stats = EngineStats()
+        self.state = EngineState.STARTING
+        self._runner = BatchRunner(adapter)
+        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{adapter.name}")
+        self._tokenizer = TokenizerPool(adapter.name)
+        self._scheduler = Scheduler(limits, self._expire)
+        self._wakeup = asyncio.Event()
+        self._bulk_space = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._outstanding = 0
+        self._held = asyncio.Event()
+        self._held.set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._batch_counter = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, *, warmup: bool = True) -> None:
+        """Warm up with a full-size batch, then start batching."""
+        if warmup:
+            batch = self._warmup_batch()
+            started = time.perf_counter()
+            await asyncio.get_running_loop().run_in_executor(
+                self._forward_thread, self._runner.run, batch
+            )
+            log.info(
+                "warm-up done",
+                extra={
+                    "model": self.adapter.name,
+                    "batch_size": len(batch),
+                    "batch_tokens": sum(len(s) for s in batch),
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+        self._loop_task = asyncio.create_task(
+            self._batch_loop(), name=f"engine-{self.adapter.name}"
+        )
+        self.state = EngineState.READY
+
+    async def wait_idle(self) -> None:
+        """Return when no accepted work is left in the queue or on the device."""
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        self.state = EngineState.STOPPED
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        self._tokenizer.close()
+        self._forward_thread.shutdown(wait=True)
+
+    def hold(self) -> None:
+        """Stop starting new batches (queued work waits). For tests and operators' debugging."""
+        self._held.clear()
+
+    def release(self) -> None:
+        self._held.set()
+
+    # -- the API the transport uses ------------------------------------------------
+
+    def queued_tokens(self, lane: Lane) -> int:
+        return self._scheduler.queued_tokens(lane)
+
+    def queued_sequences(self, lane: Lane) -> int:
+        return self._scheduler.queued_sequences(lane)
+
+    def check_admission(self, lane: Lane, tokens: int = 0) -> None:
+        """Raise Overloaded if an interactive request of ``tokens`` would overflow the queue.
+
+        Called once before tokenizing (with 0, to shed load cheaply) and again after.
+        """
+        if self.state is not EngineState.READY:
+            raise NotReady(f"model {self.adapter.name} is {self.state.value}")
+        if lane is not Lane.INTERACTIVE:
+            return
+        queued = self._scheduler.queued_tokens(lane)
+        limit = self.limits.max_queue_tokens
+        if queued + tokens > limit or (tokens == 0 and queued >= limit):
+            self.stats.requests_rejected += 1
+            raise Overloaded(lane.value, queued, limit, self._retry_hint())
+
+    async def tokenize(self, job: Callable[[], T]) -> tuple[T, float]:
+        return await self._tokenizer.run(job)
+
+    async def compute(
+        self, sequences: list[list[int]], lane: Lane, deadline: float | None
+    ) -> ComputeResult:
+        """Queue the sequences and wait for one output row each.
+
+        ``deadline`` is on the event loop's clock. Cancelling the awaiting task drops the
+        sequences that have not started computing.
+        """
+        loop = asyncio.get_running_loop()
+        tokens = sum(len(s) for s in sequences)
+        self.check_admission(lane, tokens)
+        if lane is Lane.BULK:
+            await self._wait_for_bulk_space(tokens)
+            self.check_admission(lane, tokens)
+        request = WorkRequest(sequences, lane, deadline, loop.time(), loop.create_future())
+        self._scheduler.enqueue(request)
+        self._outstanding += 1
+        self._idle.clear()
+        self._wakeup.set()
+        timer = loop.call_at(deadline, self._expire, request) if deadline is not None else None
+        try:
+            outputs = await request.future
+        except asyncio.CancelledError:
+            self._drop(request, Outcome.CANCELLED)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.set()
+        first = request.first_batch_at if request.first_batch_at is not None else loop.time()
+        return ComputeResult(outputs, first - request.enqueued_at, request.inference_s)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _retry_hint(self) -> float:
+        """How long the interactive queue takes to drain at the measured throughput."""
+        if self.stats.forward_seconds <= 0 or self.stats.padded_tokens_computed == 0:
+            return 0.1
+        rate = self.stats.padded_tokens_computed / self.stats.forward_seconds
+        return min(5.0, max(0.05, self._scheduler.queued_tokens(Lane.INTERACTIVE) / rate))
+
+    async def _wait_for_bulk_space(self, tokens: int) -> None:
+        # Streams wait rather than fail when the bulk lane is full (backpressure); one
+        # item larger than the whole bound still goes in once the lane is empty.
+        limit = self.limits.max_queue_tokens
+        while True:
+            queued = self._scheduler.queued_tokens(Lane.BULK)
+            if queued == 0 or queued + tokens <= limit:
+                return
+            self._bulk_space.clear()
+            await self._bulk_space.wait()
+
+    def _expire(self, request: WorkRequest) -> None:
+        self._drop(request, Outcome.EXPIRED)
+
+    def _drop(self, request: WorkRequest, outcome: Outcome) -> None:
+        if not request.live:
+            return
+        request.outcome = outcome
+        never_computed = self._scheduler.forget(request)
+        if outcome is Outcome.EXPIRED:
+            self.stats.sequences_expired += never_computed
+            if not request.future.done():
+                request.future.set_exception(DeadlineExpired("deadline expired while queued"))
+        else:
+            self.stats.sequences_cancelled += never_computed
+        self._bulk_space.set()
+
+    def _warmup_batch(self) -> list[list[int]]:
+        longest = self.adapter.warmup_input()
+        count = max(
+            1, min(self.limits.max_batch_size, self.limits.max_batch_tokens // len(longest))
+        )
+        return [longest] * count
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._held.wait()
+            batch = self._scheduler.next_batch(loop.time())
+            if not batch:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._bulk_space.set()
+            await self._run_batch(loop, batch)
+
+    async def _run_batch(
+        self, loop: asyncio.AbstractEventLoop, batch: list[QueuedSequence]
+    ) -> None:
+        self._batch_counter += 1
+        batch_id = self._batch_counter
+        started = loop.time()
+        ids = [seq.ids for seq in batch]
+        try:
+            outputs = await loop.run_in_executor(self._forward_thread, self._runner.run, ids)
+        except Exception as exc:
+            # A failed forward pass fails its callers, never the server.
+            self.stats.forward_failures += 1
+            log.exception(
+                "forward pass failed", extra={"model": self.adapter.name, "batch_size": len(batch)}
+            )
+            error = ForwardFailed(f"the forward pass failed: {type(exc).__name__}")
+            for seq in batch:
+                request = seq.request
+                if request.live:
+                    request.outcome = Outcome.FAILED
+                    self._scheduler.forget(request)
+                    if not request.future.done():
+                        request.future.set_exception(error)
+            return
+        elapsed = loop.time() - started
+        stats = self.stats
+        stats.batches += 1
+        stats.sequences_computed += len(batch)
+        stats.tokens_computed += sum(seq.length for seq in batch)
+        stats.padded_tokens_computed += len(batch) * self._runner.padded_width(
+            [s.length for s in batch]
+        )
+        stats.forward_seconds += elapsed
+        for seq, row in zip(batch, outputs, strict=True):
+            seq.request.deliver(batch_id, started, elapsed, seq.index, row)

@@ -1,0 +1,77 @@
+"""How a batch runs on a device: padding, host-to-device copies, precision, OOM recovery.
+
+Runs on the engine's forward thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from embedserve.service.models.base import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+# Tensor cores want the sequence dimension in multiples of 8 on the GPU.
+_CUDA_WIDTH_MULTIPLE = 8
+
+
+class BatchRunner:
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.device = adapter.device.device
+        self._cuda = self.device.type == "cuda"
+        self._pad = adapter.pad_token_id
+        if self._cuda:
+            # Kernels are picked per shape on first use; fixed-size inputs are not the
+            # case here, so let cuDNN/cuBLAS heuristics choose without benchmarking.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+        else:
+            self._stream = None
+
+    def padded_width(self, lengths: Sequence[int]) -> int:
+        width = max(lengths)
+        if self._cuda:
+            width = -(-width // _CUDA_WIDTH_MULTIPLE) * _CUDA_WIDTH_MULTIPLE
+        return width
+
+    def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """One output row a sequence, as float32 on the host."""
+        if not self._cuda:
+            return self._forward(batch)
+        try:
+            return self._forward(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            # A batch the budget allowed still ran out of memory (fragmentation, another
+            # process): finish it in halves rather than failing the callers.
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory on a batch of %d; splitting it", len(batch))
+            middle = len(batch) // 2
+            return np.concatenate([self.run(batch[:middle]), self.run(batch[middle:])])
+
+    def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        width = self.padded_width([len(ids) for ids in batch])
+        ids = np.full((len(batch), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        input_ids = torch.from_numpy(ids)
+        attention_mask = torch.from_numpy(mask)
+        if self._stream is None:
+            with torch.inference_mode():
+                return self.adapter.forward(input_ids, attention_mask).float().numpy()
+        with torch.cuda.stream(self._stream), torch.inference_mode():
+            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+            attention_mask = attention_mask.pin_memory().to(self.device, non_blocking=True)
+            out = self.adapter.forward(input_ids, attention_mask).float()
+            host = out.to("cpu", non_blocking=True)
+            self._stream.synchronize()
+        return host.numpy()

@@ -1,0 +1,149 @@
+"""What runs next: lanes, aging, deadlines, token budget and length grouping.
+
+Pure bookkeeping with no I/O and no threads: the engine calls it from the event loop
+between forward passes, so it is the one owner of the queue state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from embedserve.service.engine.limits import BatchLimits
+from embedserve.service.engine.work import Lane, QueuedSequence, WorkRequest
+
+
+class _LaneQueue:
+    """Sequences of one lane in arrival order. Dead entries are skipped lazily."""
+
+    def __init__(self, lane: Lane, delay_s: float) -> None:
+        self.lane = lane
+        # Bulk work competes as if it had arrived this much later (aging).
+        self.delay_s = delay_s
+        self.items: deque[QueuedSequence] = deque()
+        self.tokens = 0
+        self.count = 0
+
+    def head(self, expire: Callable[[WorkRequest], None], now: float) -> QueuedSequence | None:
+        while self.items:
+            seq = self.items[0]
+            request = seq.request
+            if request.live and request.deadline is not None and request.deadline <= now:
+                expire(request)
+            if request.live:
+                return seq
+            self.items.popleft()
+        return None
+
+
+class Scheduler:
+    def __init__(self, limits: BatchLimits, expire: Callable[[WorkRequest], None]) -> None:
+        self.limits = limits
+        self._expire = expire
+        self._lanes = {
+            Lane.INTERACTIVE: _LaneQueue(Lane.INTERACTIVE, 0.0),
+            Lane.BULK: _LaneQueue(Lane.BULK, limits.bulk_aging_s),
+        }
+
+    def queued_tokens(self, lane: Lane) -> int:
+        return self._lanes[lane].tokens
+
+    def queued_sequences(self, lane: Lane) -> int:
+        return self._lanes[lane].count
+
+    @property
+    def empty(self) -> bool:
+        return all(q.count == 0 for q in self._lanes.values())
+
+    def enqueue(self, request: WorkRequest) -> None:
+        queue = self._lanes[request.lane]
+        queue.items.extend(
+            QueuedSequence(request, i, len(ids)) for i, ids in enumerate(request.sequences)
+        )
+        queue.tokens += request.queued_tokens
+        queue.count += request.queued_count
+
+    def forget(self, request: WorkRequest) -> int:
+        """Account for a request that will not run (expired, cancelled); its entries die lazily.
+
+        Returns how many of its sequences were never computed.
+        """
+        queue = self._lanes[request.lane]
+        dropped = request.queued_count
+        queue.tokens -= request.queued_tokens
+        queue.count -= dropped
+        request.queued_tokens = request.queued_count = 0
+        return dropped
+
+    def next_batch(self, now: float) -> list[QueuedSequence]:
+        """The next forward pass: the oldest live sequence (by aged arrival time) and
+        the queued sequences of its lane closest to it in length, within the budget."""
+        queue = self._pick_lane(now)
+        if queue is None:
+            return []
+        pool = self._take_window(queue, now)
+        chosen, rest = self._group_by_length(pool)
+        queue.items.extendleft(reversed(rest))
+        for seq in chosen:
+            request = seq.request
+            request.queued_count -= 1
+            request.queued_tokens -= seq.length
+            queue.count -= 1
+            queue.tokens -= seq.length
+        return chosen
+
+    def _pick_lane(self, now: float) -> _LaneQueue | None:
+        best: _LaneQueue | None = None
+        best_time = 0.0
+        for queue in self._lanes.values():
+            head = queue.head(self._expire, now)
+            if head is None:
+                continue
+            aged = head.request.enqueued_at + queue.delay_s
+            if best is None or aged < best_time:
+                best, best_time = queue, aged
+        return best
+
+    def _take_window(self, queue: _LaneQueue, now: float) -> list[QueuedSequence]:
+        pool: list[QueuedSequence] = []
+        window = max(self.limits.grouping_window, self.limits.max_batch_size)
+        while queue.items and len(pool) < window:
+            seq = queue.items.popleft()
+            request = seq.request
+            if request.live and request.deadline is not None and request.deadline <= now:
+                self._expire(request)
+            if request.live:
+                pool.append(seq)
+        return pool
+
+    def _group_by_length(
+        self, pool: list[QueuedSequence]
+    ) -> tuple[list[QueuedSequence], list[QueuedSequence]]:
+        """Grow a batch around the oldest sequence, adding the neighbours in length order
+        that are closest to it, while count x longest stays within the token budget."""
+        budget = self.limits.max_batch_tokens
+        max_size = self.limits.max_batch_size
+        order = sorted(range(len(pool)), key=lambda i: (pool[i].length, i))
+        lengths = [pool[i].length for i in order]
+        seed = order.index(0)
+        lo = hi = seed
+        target = lengths[seed]
+        while hi - lo + 1 < max_size:
+            count = hi - lo + 2
+            fits_lo = lo > 0 and count * lengths[hi] <= budget
+            fits_hi = hi + 1 < len(order) and count * lengths[hi + 1] <= budget
+            if fits_lo and fits_hi:
+                if target - lengths[lo - 1] <= lengths[hi + 1] - target:
+                    lo -= 1
+                else:
+                    hi += 1
+            elif fits_lo:
+                lo -= 1
+            elif fits_hi:
+                hi += 1
+            else:
+                break
+        picked = set(order[lo : hi + 1])
+        chosen = [pool[i] for i in sorted(picked)]
+        rest = [seq for i, seq in enumerate(pool) if i not in picked]
+        return chosen, rest

@@ -1,0 +1,19 @@
+"""Counters the engine keeps; read by the info RPC, the metrics and the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    sequences_computed: int = 0
+    tokens_computed: int = 0
+    padded_tokens_computed: int = 0
+    forward_seconds: float = 0.0
+    # Sequences dropped from the queue before any forward pass computed them.
+    sequences_expired: int = 0
+    sequences_cancelled: int = 0
+    requests_rejected: int = 0
+    forward_failures: int = 0

@@ -1,0 +1,184 @@
+"""The engine API the transport calls: embed texts, rerank documents.
+
+Each served model is one object here, bound to its adapter and its engine. The
+transport never sees token ids; the engine never sees texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.work import Lane
+from embedserve.service.models.base import EmbeddingAdapter, RerankerAdapter, RerankMethod
+from embedserve.service.models.tokenization import InputTooLongError, TokenizedInput, Truncation
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """Where the work goes in the queue and until when it is worth computing."""
+
+    lane: Lane
+    # Absolute, on the event loop's clock; None for no deadline.
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Raw model outputs in input order, with accounting."""
+
+    values: np.ndarray
+    input_tokens: int
+    truncated_inputs: int
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+
+
+async def _run(
+    engine: Engine, tokenized: list[TokenizedInput], tokenize_s: float, scheduling: Scheduling
+) -> Outcome:
+    ids = [t.ids for t in tokenized]
+    result = await engine.compute(ids, scheduling.lane, scheduling.deadline)
+    return Outcome(
+        values=result.outputs,
+        input_tokens=sum(len(s) for s in ids),
+        truncated_inputs=sum(t.truncated for t in tokenized),
+        tokenize_s=tokenize_s,
+        queue_s=result.queue_s,
+        inference_s=result.inference_s,
+    )
+
+
+class EmbeddingModel:
+    def __init__(self, adapter: EmbeddingAdapter, engine: Engine) -> None:
+        self.adapter = adapter
+        self.engine = engine
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        instruction: str | None,
+        truncation: Truncation,
+        scheduling: Scheduling,
+    ) -> Outcome:
+        """Pooled, unnormalized vectors (n, dimensions). A query when ``instruction`` is set."""
+        self.engine.check_admission(scheduling.lane)
+        prefix = "" if instruction is None else self.adapter.query_prefix(instruction)
+        tokenized, seconds = await self.engine.tokenize(
+            lambda: self.adapter.tokenize(texts, prefix, truncation)
+        )
+        return await _run(self.engine, tokenized, seconds, scheduling)
+
+
+class Reranker:
+    """Scores (query, document) pairs; higher is more relevant."""
+
+    name: str
+    method: RerankMethod
+    family: str
+    accepts_instruction: bool
+    default_instruction: str
+    engine: Engine
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None,
+        truncation: Truncation,
+        scheduling: Scheduling,
+    ) -> Outcome:
+        raise NotImplementedError
+
+
+class ModelReranker(Reranker):
+    """A dedicated reranker model (cross-encoder or Qwen3-Reranker)."""
+
+    def __init__(self, adapter: RerankerAdapter, engine: Engine) -> None:
+        self.adapter = adapter
+        self.engine = engine
+        self.name = adapter.name
+        self.method = adapter.method
+        self.family = adapter.family
+        self.accepts_instruction = adapter.accepts_instruction
+        self.default_instruction = adapter.default_instruction
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None,
+        truncation: Truncation,
+        scheduling: Scheduling,
+    ) -> Outcome:
+        self.engine.check_admission(scheduling.lane)
+        chosen = self.default_instruction if instruction is None else instruction
+        tokenized, seconds = await self.engine.tokenize(
+            lambda: self.adapter.tokenize_pairs(query, documents, chosen, truncation)
+        )
+        return await _run(self.engine, tokenized, seconds, scheduling)
+
+
+class SimilarityReranker(Reranker):
+    """Reranking by cosine similarity when no reranker model is configured."""
+
+    method = RerankMethod.EMBEDDING_SIMILARITY
+    family = "embedding-similarity"
+    accepts_instruction = True
+
+    def __init__(self, embedder: EmbeddingModel) -> None:
+        self.embedder = embedder
+        self.engine = embedder.engine
+        self.name = embedder.name
+        self.default_instruction = embedder.adapter.default_instruction
+
+    async def _embed_query(
+        self, query: str, instruction: str, truncation: Truncation, scheduling: Scheduling
+    ) -> Outcome:
+        try:
+            return await self.embedder.embed([query], instruction, truncation, scheduling)
+        except InputTooLongError as exc:  # it is the query, not documents[0], that is too long
+            raise InputTooLongError(None, exc.tokens, exc.limit) from exc
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None,
+        truncation: Truncation,
+        scheduling: Scheduling,
+    ) -> Outcome:
+        chosen = self.default_instruction if instruction is None else instruction
+        query_task = asyncio.ensure_future(self._embed_query(query, chosen, truncation, scheduling))
+        docs_task = asyncio.ensure_future(
+            self.embedder.embed(documents, None, truncation, scheduling)
+        )
+        try:
+            query_vector, docs = await asyncio.gather(query_task, docs_task)
+        finally:
+            query_task.cancel()
+            docs_task.cancel()
+        q = _unit(query_vector.values)[0]
+        scores = _unit(docs.values) @ q
+        return Outcome(
+            values=scores.astype(np.float32),
+            input_tokens=docs.input_tokens + query_vector.input_tokens,
+            truncated_inputs=docs.truncated_inputs + query_vector.truncated_inputs,
+            tokenize_s=docs.tokenize_s + query_vector.tokenize_s,
+            queue_s=max(docs.queue_s, query_vector.queue_s),
+            inference_s=max(docs.inference_s, query_vector.inference_s),
+        )
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Model adapters: what each model family needs (templates, pooling, scoring)."""

@@ -1,0 +1,124 @@
+"""The small interface between the engine and a model family.
+
+An adapter knows what one model family needs: how its inputs are templated and
+tokenized, and how a padded batch of token ids becomes one output row a sequence
+(a pooled embedding or a relevance score). It knows nothing about queues, requests
+or gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from embedserve.service.models.tokenization import TextTokenizer, TokenizedInput, Truncation
+
+
+class ModelKind(enum.Enum):
+    EMBEDDING = "embedding"
+    RERANKER = "reranker"
+
+
+class RerankMethod(enum.Enum):
+    CROSS_ENCODER = "cross_encoder"
+    YES_NO_LOGITS = "yes_no_logits"
+    EMBEDDING_SIMILARITY = "embedding_similarity"
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder cannot be served; raised at start-up, never under traffic."""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Where and in which precision a model runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+class ModelAdapter(ABC):
+    """What the engine needs from any model: a tokenizer and a batched forward pass."""
+
+    name: str
+    family: str
+    kind: ModelKind
+    tokenizer: TextTokenizer
+    device: DeviceSpec
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.tokenizer.max_tokens
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run one right-padded batch: one row a sequence (embedding) or one value (score)."""
+
+    @abstractmethod
+    def warmup_input(self) -> list[int]:
+        """Token ids of a longest-possible sequence, used to warm up with a full-size batch."""
+
+
+class EmbeddingAdapter(ModelAdapter):
+    kind = ModelKind.EMBEDDING
+    dimensions: int
+    min_dimensions: int
+    default_instruction: str
+    pooling: str
+
+    @abstractmethod
+    def query_prefix(self, instruction: str) -> str:
+        """The text put before a query for this instruction (the model's prompt template)."""
+
+    def tokenize(
+        self, texts: Sequence[str], prefix: str, truncation: Truncation
+    ) -> list[TokenizedInput]:
+        """Called on the tokenizer thread; raises InputTooLongError under TRUNCATION ERROR."""
+        return self.tokenizer.encode_with_prefix(texts, prefix, truncation)
+
+    def warmup_input(self) -> list[int]:
+        return self.tokenizer.longest_input()
+
+
+class RerankerAdapter(ModelAdapter):
+    kind = ModelKind.RERANKER
+    method: RerankMethod
+    default_instruction: str
+    # Whether RerankRequest.instruction means anything to this model.
+    accepts_instruction: bool
+
+    @abstractmethod
+    def tokenize_pairs(
+        self, query: str, documents: Sequence[str], instruction: str, truncation: Truncation
+    ) -> list[TokenizedInput]:
+        """Called on the tokenizer thread; one sequence a document."""
+
+    def warmup_input(self) -> list[int]:
+        return self.tokenizer.longest_input()
+
+
+def gather_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each sequence's last real token in a right-padded batch.
+
+    Found by sequence length, never by searching for the pad id: Qwen3 uses the same id
+    for its appended end token and for padding.
+    """
+    last = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

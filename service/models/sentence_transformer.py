@@ -1,0 +1,70 @@
+"""BERT-style sentence-transformers embedders (all-MiniLM-L6-v2 and kin)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModel
+
+from embedserve.service.models.base import (
+    DeviceSpec,
+    EmbeddingAdapter,
+    ModelLoadError,
+    gather_last_token,
+    mean_pool,
+)
+from embedserve.service.models.folder import (
+    load_config,
+    load_weights,
+    max_positions,
+    read_sentence_transformers,
+)
+from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.tokenization import TextTokenizer
+
+POOLINGS = ("mean", "cls", "last_token")
+
+
+class SentenceTransformerEmbedder(EmbeddingAdapter):
+    family = "sentence-transformers"
+
+    def __init__(self, options: ModelOptions, device: DeviceSpec) -> None:
+        folder = options.folder
+        config = load_config(folder)
+        st = read_sentence_transformers(folder)
+        pooling = options.pooling or (st.pooling if st else None)
+        if pooling is None:
+            raise ModelLoadError(
+                f"{folder} has no sentence-transformers pooling config (1_Pooling/config.json); "
+                f"pass --pooling ({', '.join(POOLINGS)})"
+            )
+        if pooling not in POOLINGS:
+            raise ModelLoadError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        natural = max_positions(config)
+        if st is not None and st.max_seq_length:
+            natural = min(natural, st.max_seq_length)
+        self.name = options.name
+        self.device = device
+        self.pooling = pooling
+        self.tokenizer = TextTokenizer.from_folder(folder, max_tokens=options.input_limit(natural))
+        self.dimensions = int(config.hidden_size)
+        # Not matryoshka-trained unless the operator says so: full dimension only.
+        self.min_dimensions = options.dimension_floor(self.dimensions, self.dimensions)
+        query_prompt = st.query_prompt if st is not None else ""
+        self.default_instruction = (
+            query_prompt if options.default_instruction is None else options.default_instruction
+        )
+        self._model = load_weights(AutoModel, folder, device)
+
+    def query_prefix(self, instruction: str) -> str:
+        # sentence-transformers prompts are plain prefixes.
+        return instruction
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self._model(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        if self.pooling == "mean":
+            return mean_pool(hidden, attention_mask)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        return gather_last_token(hidden, attention_mask)

@@ -1,0 +1,210 @@
+"""Assembly and lifecycle: load models (failing at boot), serve, warm up, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from embedserve.service.api.embed import ApiSettings, EmbedServicer
+from embedserve.service.api.info import InfoServicer, describe
+from embedserve.service.api.rerank import RerankServicer
+from embedserve.service.config import ServerConfig
+from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.limits import BatchLimits
+from embedserve.service.inference import EmbeddingModel, ModelReranker, SimilarityReranker
+from embedserve.service.lifecycle import Lifecycle, Phase
+from embedserve.service.models.base import ModelLoadError
+from embedserve.service.models.loading import (
+    DEFAULT_MODEL_NAME,
+    default_model_folder,
+    load_embedder,
+    load_reranker,
+    resolve_device,
+)
+from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.tokenization import Truncation
+from embedserve.service.registry import ModelRegistry
+from embedserve.v1 import (
+    embed_service_pb2,
+    embed_service_pb2_grpc,
+    info_service_pb2,
+    info_service_pb2_grpc,
+    rerank_service_pb2,
+    rerank_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+API_SERVICES = tuple(
+    file.services_by_name[name].full_name
+    for file, name in (
+        (embed_service_pb2.DESCRIPTOR, "EmbedService"),
+        (rerank_service_pb2.DESCRIPTOR, "RerankService"),
+        (info_service_pb2.DESCRIPTOR, "InfoService"),
+    )
+)
+# Health has one status a service name, plus "" for the whole server.
+HEALTH_NAMES = ("", *API_SERVICES)
+
+
+def build_registry(config: ServerConfig) -> ModelRegistry:
+    """Load every configured model. Raises ModelLoadError (or ValueError) before serving."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = resolve_device(config.device, config.dtype)
+    if device.device.type == "cpu":
+        threads = config.threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+    limits = BatchLimits(
+        max_batch_tokens=config.max_batch_tokens,
+        max_batch_size=config.max_batch_size,
+        max_inputs_per_request=config.max_inputs,
+        max_queue_tokens=config.max_queue_tokens,
+        stream_window=config.stream_window,
+        bulk_aging_s=config.bulk_aging_ms / 1000.0,
+    )
+    folder = config.model if config.model is not None else default_model_folder()
+    name = config.model_name or (DEFAULT_MODEL_NAME if config.model is None else folder.name)
+    embedder_options = ModelOptions(
+        folder=folder,
+        name=name,
+        max_input_tokens=config.max_input_tokens,
+        min_dimensions=config.min_dimensions,
+        default_instruction=config.default_instruction,
+        pooling=config.pooling,
+    )
+    embedder = EmbeddingModel(
+        adapter := load_embedder(embedder_options, device), _engine(adapter, limits)
+    )
+    registry = ModelRegistry(default_embedder=name)
+    registry.embedders[name] = embedder
+    if config.reranker is None:
+        registry.rerankers[name] = SimilarityReranker(embedder)
+        registry.default_reranker = name
+    else:
+        reranker_name = config.reranker_name or config.reranker.name
+        reranker_options = ModelOptions(
+            folder=config.reranker,
+            name=reranker_name,
+            max_input_tokens=config.max_input_tokens,
+            default_instruction=config.default_instruction,
+        )
+        reranker = load_reranker(reranker_options, device)
+        registry.rerankers[reranker_name] = ModelReranker(reranker, _engine(reranker, limits))
+        registry.default_reranker = reranker_name
+    return registry
+
+
+def _engine(adapter: object, limits: BatchLimits) -> Engine:
+    try:
+        return Engine(adapter, limits)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc
+
+
+@dataclass
+class Server:
+    config: ServerConfig
+    registry: ModelRegistry
+
+    def __post_init__(self) -> None:
+        self.lifecycle = Lifecycle()
+        self.health = HealthServicer()
+        self.port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and answer health (NOT_SERVING) at once; SERVING after the warm-up."""
+        config = self.config
+        limit = config.max_message_mb * 1024 * 1024
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Let clients keep idle connections alive without being told off.
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        settings = ApiSettings(
+            default_truncation=Truncation(config.truncation), stream_window=config.stream_window
+        )
+        embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(
+            EmbedServicer(self.registry, self.lifecycle, settings), server
+        )
+        rerank_service_pb2_grpc.add_RerankServiceServicer_to_server(
+            RerankServicer(self.registry, self.lifecycle, settings), server
+        )
+        info_service_pb2_grpc.add_InfoServiceServicer_to_server(
+            InfoServicer(describe(self.registry, settings.default_truncation)), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+        await server.start()
+        self._grpc = server
+        log.info("listening", extra={"host": config.host, "port": self.port})
+        for engine in self.registry.engines():
+            await engine.start(warmup=config.warmup)
+        self.lifecycle.phase = Phase.SERVING
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={
+                "host": config.host,
+                "port": self.port,
+                "embedding_models": list(self.registry.embedders),
+                "rerankers": list(self.registry.rerankers),
+            },
+        )
+
+    def request_shutdown(self) -> None:
+        """Idempotent; safe to call from a signal handler."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._drain_and_stop())
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _drain_and_stop(self) -> None:
+        config = self.config
+        log.info("draining", extra={"in_flight": self.lifecycle.in_flight})
+        # Balancers read NOT_SERVING first and move away; then new calls are refused
+        # (UNAVAILABLE, retryable) while every accepted one finishes.
+        await self.health.enter_graceful_shutdown()
+        if config.drain_delay_s > 0:
+            await asyncio.sleep(config.drain_delay_s)
+        self.lifecycle.begin_drain()
+        try:
+            await asyncio.wait_for(self.lifecycle.wait_quiet(), timeout=config.grace_period_s)
+        except TimeoutError:
+            log.warning(
+                "grace period over with calls still running",
+                extra={"in_flight": self.lifecycle.in_flight},
+            )
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        for engine in self.registry.engines():
+            await engine.stop()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in HEALTH_NAMES:
+            await self.health.set(name, status)
