@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import InProcessServer, model_folder_default, serving  # noqa: E402
-from support.qwen3 import (  # noqa: E402
+from harness import InProcessServer, model_folder_default, serving
+from support.qwen3 import (
     build_qwen3_embedding,
     build_qwen3_reranker,
     build_tiny_cross_encoder,
@@ -47,7 +47,9 @@ def minilm_server() -> Iterator[InProcessServer]:
 
 
 @pytest.fixture(scope="session")
-def qwen3_server(qwen3_embedding_folder: Path, qwen3_reranker_folder: Path) -> Iterator[InProcessServer]:
+def qwen3_server(
+    qwen3_embedding_folder: Path, qwen3_reranker_folder: Path
+) -> Iterator[InProcessServer]:
     with serving(
         model=qwen3_embedding_folder,
         model_name="qwen3-embedding-tiny",
@@ -59,5 +61,7 @@ def qwen3_server(qwen3_embedding_folder: Path, qwen3_reranker_folder: Path) -> I
 
 @pytest.fixture(scope="session")
 def cross_encoder_server(cross_encoder_folder: Path) -> Iterator[InProcessServer]:
-    with serving(reranker=cross_encoder_folder, reranker_name="ms-marco-tiny", warmup=False) as server:
+    with serving(
+        reranker=cross_encoder_folder, reranker_name="ms-marco-tiny", warmup=False
+    ) as server:
         yield server

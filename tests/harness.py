@@ -118,7 +118,17 @@ class ServerProcess:
     """``embedserve serve`` in a subprocess; the port is read from its JSON log."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "embedserve.service", "serve", "--port", "0", "--threads", "1", *args]
+        command = [
+            sys.executable,
+            "-m",
+            "embedserve.service",
+            "serve",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            *args,
+        ]
         self.process = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from embedserve.service.api import calls
 from embedserve.service.api.calls import Context
 from embedserve.service.api.encoding import duration, encode_vectors, finish_vectors
-from embedserve.service.api.errors import FieldViolation, invalid_argument
+from embedserve.service.api.errors import FieldViolation, invalid_argument, model_not_found
 from embedserve.service.api.validation import embed_options
 from embedserve.service.engine.work import Lane
 from embedserve.service.inference import Scheduling
 from embedserve.service.lifecycle import Lifecycle
 from embedserve.service.models.tokenization import InputTooLongError, Truncation
-from embedserve.service.registry import ModelRegistry
+from embedserve.service.registry import ModelRegistry, UnknownModel
 from embedserve.v1 import common_pb2, embed_service_pb2, embed_service_pb2_grpc
 
 
@@ -69,7 +69,10 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         field_prefix: str,
     ) -> embed_service_pb2.EmbedResponse:
         started = time.perf_counter()
-        model = self._registry.embedder(request.model)
+        try:
+            model = self._registry.embedder(request.model)
+        except UnknownModel as exc:
+            raise model_not_found(exc, f"{field_prefix}model") from exc
         options = embed_options(
             request,
             model,

@@ -87,17 +87,21 @@ def unavailable(message: str, reason: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message, reason=reason, retry_after_s=0.0)
 
 
+def model_not_found(exc: UnknownModel, field: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.NOT_FOUND,
+        str(exc),
+        reason="MODEL_NOT_FOUND",
+        violations=[FieldViolation(field, str(exc))],
+    )
+
+
 def translate(exc: Exception) -> ApiError | None:
     """The API error for a known failure below the transport; None for a bug."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UnknownModel):
-        return ApiError(
-            grpc.StatusCode.NOT_FOUND,
-            str(exc),
-            reason="MODEL_NOT_FOUND",
-            violations=[FieldViolation("model", str(exc))],
-        )
+        return model_not_found(exc, "model")
     if isinstance(exc, Overloaded):
         return ApiError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,

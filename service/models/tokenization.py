@@ -128,11 +128,7 @@ class TextTokenizer:
     def _fit(
         self, prefix: str, text: str, side: Truncation, limit: int, add_special_tokens: bool
     ) -> list[int]:
-        specials = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
-        head = self._tok.encode(prefix, add_special_tokens=False) if prefix else None
-        room = limit - specials - (len(head.ids) if head is not None else 0)
-        if room < 1:
-            raise InputTooLongError(None, limit - room + 1, limit)
+        head, room = self._prefix_room(prefix, limit, add_special_tokens)
         body = self._tok.encode(text, add_special_tokens=False)
         body.truncate(room, direction=_direction(side))
         merged = Encoding.merge([head, body]) if head is not None else body
@@ -141,30 +137,29 @@ class TextTokenizer:
         return list(self._tok.post_process(merged).ids)
 
     def _fit_pair(self, first: str, second: str, side: Truncation) -> list[int]:
-        a = self._tok.encode(first, add_special_tokens=False)
-        room = self.max_tokens - self._tok.num_special_tokens_to_add(True) - len(a.ids)
-        if room < 1:
-            raise InputTooLongError(None, self.max_tokens - room + 1, self.max_tokens)
+        a, room = self._pair_room(first)
         b = self._tok.encode(second, add_special_tokens=False)
         b.truncate(room, direction=_direction(side))
         return list(self._tok.post_process(a, b).ids)
 
-    def _prefix_room(self, prefix: str, limit: int, add_special_tokens: bool) -> int:
-        """Under TRUNCATION ERROR: raise for the prefix itself when it leaves no room."""
+    def _prefix_room(
+        self, prefix: str, limit: int, add_special_tokens: bool
+    ) -> tuple[Encoding | None, int]:
+        """The encoded prefix and the tokens left for the text; raises when none are left."""
         specials = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
-        head = len(self._tok.encode(prefix, add_special_tokens=False).ids) if prefix else 0
-        room = limit - specials - head
+        head = self._tok.encode(prefix, add_special_tokens=False) if prefix else None
+        room = limit - specials - (len(head.ids) if head is not None else 0)
         if room < 1:
             raise InputTooLongError(None, limit - room + 1, limit)
-        return room
+        return head, room
 
-    def _pair_room(self, first: str) -> int:
-        """Under TRUNCATION ERROR: raise for the first text when it leaves no room."""
+    def _pair_room(self, first: str) -> tuple[Encoding, int]:
+        """The encoded first text and the tokens left for the second; raises when none are."""
         a = self._tok.encode(first, add_special_tokens=False)
         room = self.max_tokens - self._tok.num_special_tokens_to_add(True) - len(a.ids)
         if room < 1:
             raise InputTooLongError(None, self.max_tokens - room + 1, self.max_tokens)
-        return room
+        return a, room
 
 
 def _direction(side: Truncation) -> str:

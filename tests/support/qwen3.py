@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 from tokenizers import (
     AddedToken,
     Regex,
@@ -77,9 +77,7 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 
 #: Default task of both Qwen3-Embedding (queries) and Qwen3-Reranker.
-DEFAULT_INSTRUCTION = (
-    "Given a web search query, retrieve relevant passages that answer the query"
-)
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 #: Qwen3-Reranker prompt prefix (model card / QwenLM/Qwen3-Embedding repository).
 RERANKER_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the "
@@ -147,18 +145,12 @@ no
 
 
 def _train_backend_tokenizer(*, append_eos: bool) -> Tokenizer:
-    tokenizer = Tokenizer(
-        models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False)
-    )
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(
-                Regex(_QWEN_SPLIT_PATTERN), behavior="isolated", invert=False
-            ),
-            pre_tokenizers.ByteLevel(
-                add_prefix_space=False, trim_offsets=False, use_regex=False
-            ),
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
@@ -229,9 +221,7 @@ def build_qwen3_tokenizer(folder: Path, *, append_eos: bool) -> None:
         raise RuntimeError(f"{folder}: eos/pad token ids are not {eos_id}")
     ids: list[int] = reloaded("hello")["input_ids"]
     if (ids[-1] == eos_id) != append_eos:
-        raise RuntimeError(
-            f"{folder}: append_eos={append_eos} but 'hello' encodes to {ids}"
-        )
+        raise RuntimeError(f"{folder}: append_eos={append_eos} but 'hello' encodes to {ids}")
     for word in ("yes", "no"):
         if len(reloaded.encode(word, add_special_tokens=False)) != 1:
             raise RuntimeError(f"{folder}: {word!r} is not a single token after reload")
@@ -310,9 +300,7 @@ def reference_qwen3_embed(
     tokenizer = AutoTokenizer.from_pretrained(
         str(folder), padding_side="left", local_files_only=True
     )
-    model = AutoModel.from_pretrained(
-        str(folder), dtype=torch.float32, local_files_only=True
-    )
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
     model.eval()
     batch_dict = tokenizer(
         texts,
@@ -323,9 +311,7 @@ def reference_qwen3_embed(
     )
     with torch.no_grad():
         outputs = model(**batch_dict)
-    embeddings = _last_token_pool(
-        outputs.last_hidden_state, batch_dict["attention_mask"]
-    )
+    embeddings = _last_token_pool(outputs.last_hidden_state, batch_dict["attention_mask"])
     embeddings = F.normalize(embeddings, p=2, dim=1)
     result: FloatArray = embeddings.float().numpy().astype(np.float32)
     return result
@@ -351,17 +337,10 @@ def reference_qwen3_rerank(
     model.eval()  # type: ignore[no-untyped-call]
     token_false_id = tokenizer.convert_tokens_to_ids("no")
     token_true_id = tokenizer.convert_tokens_to_ids("yes")
-    prefix_tokens: list[int] = tokenizer.encode(
-        RERANKER_PREFIX, add_special_tokens=False
-    )
-    suffix_tokens: list[int] = tokenizer.encode(
-        RERANKER_SUFFIX, add_special_tokens=False
-    )
+    prefix_tokens: list[int] = tokenizer.encode(RERANKER_PREFIX, add_special_tokens=False)
+    suffix_tokens: list[int] = tokenizer.encode(RERANKER_SUFFIX, add_special_tokens=False)
 
-    pairs = [
-        f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
-        for doc in documents
-    ]
+    pairs = [f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}" for doc in documents]
     inputs = tokenizer(
         pairs,
         padding=False,
@@ -374,9 +353,7 @@ def reference_qwen3_rerank(
     with warnings.catch_warnings():
         # The model-card call passes max_length to pad(); transformers warns it is ignored.
         warnings.filterwarnings("ignore", message=".*max_length. is ignored.*")
-        inputs = tokenizer.pad(
-            inputs, padding=True, return_tensors="pt", max_length=max_length
-        )
+        inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
     with torch.no_grad():
         batch_scores = model(**inputs).logits[:, -1, :]
         true_vector = batch_scores[:, token_true_id]
@@ -388,9 +365,7 @@ def reference_qwen3_rerank(
     return result
 
 
-def build_tiny_cross_encoder(
-    folder: Path, vocab_source: Path, *, seed: int = 0
-) -> Path:
+def build_tiny_cross_encoder(folder: Path, vocab_source: Path, *, seed: int = 0) -> Path:
     """Build a tiny random ``BertForSequenceClassification`` (num_labels=1) in ``folder``.
 
     The tokenizer is copied from the BERT tokenizer folder ``vocab_source`` (e.g. the
@@ -420,9 +395,7 @@ def build_tiny_cross_encoder(
     return folder
 
 
-def reference_cross_encoder(
-    folder: Path, query: str, documents: list[str]
-) -> FloatArray:
+def reference_cross_encoder(folder: Path, query: str, documents: list[str]) -> FloatArray:
     """Plain transformers cross-encoder scoring: float32 ``(n,)`` RAW logits.
 
     No sigmoid/activation is applied: the values are ``logits[:, 0]`` as is (what

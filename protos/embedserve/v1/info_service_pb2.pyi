@@ -53,7 +53,7 @@ class _RerankMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RerankMe
     RERANK_METHOD_UNSPECIFIED: _RerankMethod.ValueType  # 0
     """Not a reranker."""
     RERANK_METHOD_CROSS_ENCODER: _RerankMethod.ValueType  # 1
-    """A sequence-classification cross-encoder; the score is its raw logit."""
+    """A sequence-classification cross-encoder: sigmoid of its logit, in [0, 1]."""
     RERANK_METHOD_YES_NO_LOGITS: _RerankMethod.ValueType  # 2
     """A causal LM judging relevance (Qwen3-Reranker): sigmoid(logit_yes - logit_no), in [0, 1]."""
     RERANK_METHOD_EMBEDDING_SIMILARITY: _RerankMethod.ValueType  # 3
@@ -67,7 +67,7 @@ class RerankMethod(_RerankMethod, metaclass=_RerankMethodEnumTypeWrapper):
 RERANK_METHOD_UNSPECIFIED: RerankMethod.ValueType  # 0
 """Not a reranker."""
 RERANK_METHOD_CROSS_ENCODER: RerankMethod.ValueType  # 1
-"""A sequence-classification cross-encoder; the score is its raw logit."""
+"""A sequence-classification cross-encoder: sigmoid of its logit, in [0, 1]."""
 RERANK_METHOD_YES_NO_LOGITS: RerankMethod.ValueType  # 2
 """A causal LM judging relevance (Qwen3-Reranker): sigmoid(logit_yes - logit_no), in [0, 1]."""
 RERANK_METHOD_EMBEDDING_SIMILARITY: RerankMethod.ValueType  # 3

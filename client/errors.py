@@ -1,0 +1,133 @@
+"""One small exception hierarchy for every failure the client reports.
+
+Each carries the gRPC code, the server's message, and the details the server sent in
+``google.rpc.Status``: the field violations, a reason, and a retry hint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class EmbedServeError(Exception):
+    """Base class: ``code``, ``message``, ``violations``, ``reason``, ``retry_after``."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        violations: tuple[FieldViolation, ...] = (),
+        reason: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.violations = violations
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class InvalidArgumentError(EmbedServeError):
+    """The request is wrong; ``violations`` name the fields. Never retried."""
+
+
+class NotFoundError(EmbedServeError):
+    """The model named in the request is not served."""
+
+
+class OverloadedError(EmbedServeError):
+    """RESOURCE_EXHAUSTED: the replica's queue is full. Retried."""
+
+
+class UnavailableError(EmbedServeError):
+    """UNAVAILABLE: unreachable, warming up or draining. Retried."""
+
+
+class DeadlineExceededError(EmbedServeError):
+    """The call's deadline passed (retries included)."""
+
+
+class UnauthenticatedError(EmbedServeError):
+    """UNAUTHENTICATED or PERMISSION_DENIED: check the credentials."""
+
+
+class ServerError(EmbedServeError):
+    """Any other code (INTERNAL, UNKNOWN, ...): a server-side problem."""
+
+
+class BulkItemError(EmbedServeError):
+    """One input of ``embed_bulk`` failed; ``index`` is its position in the input."""
+
+    def __init__(self, index: int, cause: EmbedServeError) -> None:
+        super().__init__(
+            cause.code,
+            f"input {index}: {cause.message}",
+            violations=cause.violations,
+            reason=cause.reason,
+            retry_after=cause.retry_after,
+        )
+        self.index = index
+        self.cause = cause
+
+
+_BY_CODE: dict[grpc.StatusCode, type[EmbedServeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: UnauthenticatedError,
+}
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_status(status: status_pb2.Status) -> EmbedServeError:
+    """The exception for a ``google.rpc.Status`` (a trailer, or a stream item's error)."""
+    code = _CODE_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+    violations: list[FieldViolation] = []
+    reason = ""
+    retry_after: float | None = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    error_class = _BY_CODE.get(code, ServerError)
+    return error_class(
+        code, status.message, violations=tuple(violations), reason=reason, retry_after=retry_after
+    )
+
+
+def from_rpc_error(error: grpc.RpcError) -> EmbedServeError:
+    """The exception for a failed call, reading the status details from its trailers."""
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code == code.value[0]:
+                return from_status(status)
+    return _BY_CODE.get(code, ServerError)(code, details)
