@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         "environment variable.",
     )
     add_arguments(serve)
+    from embedserve.client.cli import register
+
+    register(commands)
     return parser
 
 
@@ -35,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(from_namespace(args))
-    raise AssertionError(args.command)
+    from embedserve.client.cli import run
+
+    return run(args)
 
 
 def serve(config: ServerConfig) -> int:
