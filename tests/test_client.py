@@ -212,6 +212,14 @@ class _Scripted(embed_service_pb2_grpc.EmbedServiceServicer):
         context.abort_with_status(_RpcStatus(status))
         raise AssertionError("unreachable: abort raises")
 
+    def EmbedStream(  # noqa: N802
+        self,
+        request_iterator: Iterator[embed_service_pb2.EmbedStreamRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[embed_service_pb2.EmbedStreamResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("unreachable: abort raises")
+
 
 class _RpcStatus(grpc.Status):
     def __init__(self, status: status_pb2.Status) -> None:
