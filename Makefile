@@ -31,7 +31,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 run: venv
 	$(BIN)/embedserve serve --host $(HOST) --port $(PORT)
 
-test: test-deps lint typecheck check-protos buf-lint
+test: test-deps lint typecheck check-protos buf-lint go-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: test-deps
@@ -74,3 +74,66 @@ buf-lint: $(BUF)
 
 clean:
 	rm -rf $(VENV) .tools build .mypy_cache .ruff_cache .pytest_cache
+
+# --- Go client (client/go/) ----------------------------------------------------------------
+# Everything comes from Debian packages (Go 1.19, grpc-go 1.33, genproto 2020-04) and builds in
+# GOPATH mode: no module proxy is needed. `make go-deps` installs them when missing.
+GO_IMPORT := github.com/embedserve/embedserve
+GO_STUBS_IMPORT := $(GO_IMPORT)/client/go/embedserve/v1
+GO_STUBS_DIR := client/go/embedserve/v1
+GO_GOPATH := build/gopath
+GO_ENV := GO111MODULE=off GOFLAGS= GOPATH=$(CURDIR)/$(GO_GOPATH):/usr/share/gocode
+GO_DEBS := golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
+  golang-google-genproto-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+GO_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The protos carry no go_package option: map each file to the Go package here.
+GO_PROTO_MAP := $(foreach f,$(PROTO_FILES:protos/%=%),M$(f)=$(GO_STUBS_IMPORT);embedservev1) \
+  Mgoogle/rpc/status.proto=google.golang.org/genproto/googleapis/rpc/status
+GO_PROTOC = protoc -Iprotos -I/usr/include \
+  --go_out=$(1) --go_opt=paths=source_relative $(foreach m,$(GO_PROTO_MAP),'--go_opt=$(m)') \
+  --go-grpc_out=$(1) --go-grpc_opt=paths=source_relative $(foreach m,$(GO_PROTO_MAP),'--go-grpc_opt=$(m)') \
+  $(PROTO_FILES)
+
+.PHONY: go-deps go-stubs go-check-stubs go-gopath go-example go-vet go-check
+
+# Installs the Go toolchain, protoc, its Go plugins and the Go libraries (offline-capable
+# Debian packages); quiet no-op when they are already there.
+go-deps:
+	@if command -v go >/dev/null && command -v protoc >/dev/null \
+	  && command -v protoc-gen-go >/dev/null && command -v protoc-gen-go-grpc >/dev/null \
+	  && test -d /usr/share/gocode/src/google.golang.org/grpc/health/grpc_health_v1 \
+	  && test -d /usr/share/gocode/src/google.golang.org/genproto/googleapis/rpc/errdetails \
+	  && test -d /usr/share/gocode/src/google.golang.org/protobuf/types/known/durationpb; then :; \
+	else \
+	  echo "installing Go packages: $(GO_DEBS)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(GO_SUDO) apt-get install -y -q --no-install-recommends $(GO_DEBS) \
+	  || { $(GO_SUDO) apt-get update -q && $(GO_SUDO) apt-get install -y -q --no-install-recommends $(GO_DEBS); }; \
+	fi
+
+# Regenerate the Go stubs (client/go/embedserve/v1) from protos/.
+go-stubs: go-deps
+	rm -f $(GO_STUBS_DIR)/*.pb.go
+	$(call GO_PROTOC,client/go)
+
+# Fails when the committed Go stubs drift from the protos.
+go-check-stubs: go-deps
+	rm -rf build/go-stubs && mkdir -p build/go-stubs
+	$(call GO_PROTOC,build/go-stubs)
+	diff -r build/go-stubs/embedserve/v1 $(GO_STUBS_DIR) \
+	  || (echo "generated Go stubs drifted from protos/: run 'make go-stubs' and commit" >&2; exit 1)
+
+# A GOPATH whose src/github.com/embedserve/embedserve is this checkout.
+go-gopath:
+	mkdir -p $(GO_GOPATH)/src/github.com/embedserve
+	ln -sfn ../../../../.. $(GO_GOPATH)/src/github.com/embedserve/embedserve
+
+go-example: go-deps go-gopath
+	mkdir -p build/go
+	$(GO_ENV) go build -o build/go/embedserve-example $(GO_IMPORT)/client/go/example
+
+go-vet: go-deps go-gopath
+	test -z "$$(gofmt -l client/go)" || (gofmt -l client/go >&2; echo "gofmt: run 'gofmt -w client/go'" >&2; exit 1)
+	$(GO_ENV) go vet $(GO_STUBS_IMPORT) $(GO_IMPORT)/client/go/example
+
+go-check: go-check-stubs go-vet go-example
