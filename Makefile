@@ -44,10 +44,17 @@ typecheck: test-deps
 	rm -rf build/typecheck && mkdir -p build/typecheck/embedserve
 	ln -s ../../../service build/typecheck/embedserve/service
 	ln -s ../../../client build/typecheck/embedserve/client
+	ln -s ../../../envoy build/typecheck/embedserve/envoy
 	ln -s ../../../protos/embedserve/v1 build/typecheck/embedserve/v1
 	ln -s ../../tests build/typecheck/tests
 	cd build/typecheck && MYPYPATH=.:tests ../../$(BIN)/mypy --config-file ../../pyproject.toml \
-	  --explicit-package-bases embedserve/service embedserve/client tests
+	  --explicit-package-bases embedserve/service embedserve/client embedserve/envoy tests
+
+# Regenerate the Envoy configs under deploy/ (compose, Kubernetes ConfigMap) from
+# envoy/render.py; tests/test_envoy.py fails when the committed ones drift.
+.PHONY: deploy-configs
+deploy-configs: test-deps
+	$(BIN)/python -m embedserve.envoy.deploy
 
 # Regenerate the Python stubs (and their typed .pyi) from protos/.
 protos: test-deps

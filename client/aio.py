@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 
 from embedserve.client.errors import BulkItemError, EmbedServeError, from_rpc_error, from_status
 from embedserve.client.results import (
@@ -141,6 +143,7 @@ class AsyncClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         retry: RetryPolicy | None = None,
         defaults: EmbedOptions | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         options = [*DEFAULT_CHANNEL_OPTIONS, *channel_options]
         if tls or root_certificates is not None or private_key is not None:
@@ -158,6 +161,9 @@ class AsyncClient:
         self._info = info_service_pb2_grpc.InfoServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._rng = random.Random()
+        # The global provider unless one is given: no-op spans when the application has
+        # not configured OpenTelemetry.
+        self._tracer = trace.get_tracer("embedserve.client", tracer_provider=tracer_provider)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -180,7 +186,9 @@ class AsyncClient:
         """Embed ``texts`` in one call. ``options`` override the client's EmbedOptions
         (model, instruction, input_type, dimensions, normalize, encoding, truncation)."""
         request = self._options(options).request(list(texts))
-        response = await self._unary(self._embed.Embed, request, timeout)
+        response = await self._unary(
+            "embedserve.v1.EmbedService/Embed", self._embed.Embed, request, timeout
+        )
         return decode_embeddings(response)
 
     async def rerank(
@@ -204,26 +212,54 @@ class AsyncClient:
             request.instruction = instruction
         if truncation is not None:
             request.truncation = TRUNCATIONS[truncation]
-        return decode_ranking(await self._unary(self._rerank.Rerank, request, timeout))
+        return decode_ranking(
+            await self._unary(
+                "embedserve.v1.RerankService/Rerank", self._rerank.Rerank, request, timeout
+            )
+        )
 
     async def info(self, *, timeout: float | None = _UNSET) -> ServerInfo:
         request = info_service_pb2.GetServerInfoRequest()
-        response: ServerInfo = await self._unary(self._info.GetServerInfo, request, timeout)
+        response: ServerInfo = await self._unary(
+            "embedserve.v1.InfoService/GetServerInfo", self._info.GetServerInfo, request, timeout
+        )
         return response
 
     async def health(self, service: str = "", *, timeout: float | None = _UNSET) -> bool:
         """True when the server (or one of its services) answers SERVING."""
         request = health_pb2.HealthCheckRequest(service=service)
-        reply = await self._unary(self._health.Check, request, timeout)
+        reply = await self._unary(
+            "grpc.health.v1.Health/Check", self._health.Check, request, timeout
+        )
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def _unary(
-        self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None
+        self,
+        rpc: str,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout: float | None,
     ) -> T:
-        return await self._with_retries(
-            lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
-            self.timeout if timeout is _UNSET else timeout,
-        )
+        with self._tracer.start_as_current_span(
+            rpc, kind=SpanKind.CLIENT, attributes=_rpc_attributes(rpc)
+        ) as span:
+            metadata = self._traced_metadata(span)
+            try:
+                return await self._with_retries(
+                    lambda remaining: method(request, timeout=remaining, metadata=metadata),
+                    self.timeout if timeout is _UNSET else timeout,
+                )
+            except EmbedServeError as exc:
+                span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
+                raise
+
+    def _traced_metadata(self, span: trace.Span) -> tuple[tuple[str, str], ...]:
+        """The call's metadata with the W3C trace context of ``span`` injected."""
+        if not span.get_span_context().is_valid:
+            return self._metadata
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return (*self._metadata, *carrier.items())
 
     async def _with_retries(
         self, attempt_call: Callable[[float | None], Awaitable[T]], timeout: float | None
@@ -354,8 +390,11 @@ class _Bulk:
             self._to_send = deque(sorted(self._texts))
             self._generation += 1
             self._wakeup.set()  # stale generators wake up and leave
+            span = self._client._tracer.start_span(
+                _STREAM_RPC, kind=SpanKind.CLIENT, attributes=_rpc_attributes(_STREAM_RPC)
+            )
             call = self._client._embed.EmbedStream(
-                self._requests(self._generation), metadata=self._client._metadata
+                self._requests(self._generation), metadata=self._client._traced_metadata(span)
             )
             try:
                 async for response in call:
@@ -387,6 +426,7 @@ class _Bulk:
                 await asyncio.sleep(self._retry.delay(failures, hint, rng))
             finally:
                 call.cancel()
+                span.end()
 
     def _receive(self, response: embed_service_pb2.EmbedStreamResponse) -> None:
         start = int(response.id)
@@ -466,6 +506,14 @@ class _Bulk:
             if len(batch) >= self._batch_size:
                 break
         return batch
+
+
+_STREAM_RPC = "embedserve.v1.EmbedService/EmbedStream"
+
+
+def _rpc_attributes(rpc: str) -> dict[str, str]:
+    service, _, method = rpc.partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
 class _StreamEnded(Exception):

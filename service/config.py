@@ -35,6 +35,13 @@ class ServerConfig:
     default_instruction: str | None = None
     pooling: str | None = None
     truncation: str = "end"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    api_keys: Path | None = None
+    auth_exempt: str = "grpc.health.v1.Health"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
     max_message_mb: int = 16
     grace_period_s: float = 30.0
     drain_delay_s: float = 0.0
@@ -155,6 +162,30 @@ OPTIONS: tuple[Option, ...] = (
         "truncation",
         "Truncation policy for requests that leave it unspecified.",
         choices=("error", "end", "start"),
+    ),
+    Option("tls_cert", "PEM certificate chain: serve TLS (with --tls-key).", Path),
+    Option("tls_key", "PEM private key of --tls-cert.", Path),
+    Option(
+        "tls_client_ca",
+        "PEM CA bundle: require client certificates it signed (mutual TLS).",
+        Path,
+    ),
+    Option(
+        "api_keys",
+        "File of hashed API keys ([name=]sha256:HEX a line, see `embedserve hash-key`); calls "
+        "then need 'authorization: Bearer KEY'. Re-read when it changes.",
+        Path,
+    ),
+    Option(
+        "auth_exempt",
+        "Comma-separated gRPC services callable without a key (e.g. "
+        "grpc.health.v1.Health,grpc.reflection.v1alpha.ServerReflection).",
+    ),
+    Option("metrics_host", "Address of the Prometheus /metrics endpoint."),
+    Option(
+        "metrics_port",
+        "Port of the Prometheus /metrics endpoint; 0 picks a free one. Default: no endpoint.",
+        _non_negative_int,
     ),
     Option("max_message_mb", "Largest request or response message, in MiB.", _positive_int),
     Option(

@@ -25,6 +25,9 @@ class Scheduling:
     lane: Lane
     # Absolute, on the event loop's clock; None for no deadline.
     deadline: float | None
+    # Spans for tokenization and queueing; off for stream items, which are aggregated
+    # on their stream's span instead of making a span each.
+    detailed_trace: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,9 @@ async def _run(
     engine: Engine, tokenized: list[TokenizedInput], tokenize_s: float, scheduling: Scheduling
 ) -> Outcome:
     ids = [t.ids for t in tokenized]
-    result = await engine.compute(ids, scheduling.lane, scheduling.deadline)
+    result = await engine.compute(
+        ids, scheduling.lane, scheduling.deadline, detailed_trace=scheduling.detailed_trace
+    )
     return Outcome(
         values=result.outputs,
         input_tokens=sum(len(s) for s in ids),
@@ -73,9 +78,12 @@ class EmbeddingModel:
         """Pooled, unnormalized vectors (n, dimensions). A query when ``instruction`` is set."""
         self.engine.check_admission(scheduling.lane)
         prefix = "" if instruction is None else self.adapter.query_prefix(instruction)
-        tokenized, seconds = await self.engine.tokenize(
-            lambda: self.adapter.tokenize(texts, prefix, truncation)
-        )
+        with self.engine.telemetry.span(
+            "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(texts)}
+        ):
+            tokenized, seconds = await self.engine.tokenize(
+                lambda: self.adapter.tokenize(texts, prefix, truncation)
+            )
         return await _run(self.engine, tokenized, seconds, scheduling)
 
 
@@ -122,9 +130,12 @@ class ModelReranker(Reranker):
     ) -> Outcome:
         self.engine.check_admission(scheduling.lane)
         chosen = self.default_instruction if instruction is None else instruction
-        tokenized, seconds = await self.engine.tokenize(
-            lambda: self.adapter.tokenize_pairs(query, documents, chosen, truncation)
-        )
+        with self.engine.telemetry.span(
+            "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(documents)}
+        ):
+            tokenized, seconds = await self.engine.tokenize(
+                lambda: self.adapter.tokenize_pairs(query, documents, chosen, truncation)
+            )
         return await _run(self.engine, tokenized, seconds, scheduling)
 
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from embedserve.service import faults
 from embedserve.service.api.embed import ApiSettings, EmbedServicer
 from embedserve.service.api.info import InfoServicer, describe
 from embedserve.service.api.rerank import RerankServicer
@@ -21,7 +22,7 @@ from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.inference import EmbeddingModel, ModelReranker, SimilarityReranker
 from embedserve.service.lifecycle import Lifecycle, Phase
-from embedserve.service.models.base import ModelLoadError
+from embedserve.service.models.base import ModelAdapter, ModelLoadError
 from embedserve.service.models.loading import (
     DEFAULT_MODEL_NAME,
     default_model_folder,
@@ -32,6 +33,10 @@ from embedserve.service.models.loading import (
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.tokenization import Truncation
 from embedserve.service.registry import ModelRegistry
+from embedserve.service.security.api_keys import ApiKeyInterceptor, KeyStore
+from embedserve.service.security.tls import server_credentials
+from embedserve.service.telemetry.interceptor import TelemetryInterceptor
+from embedserve.service.telemetry.setup import DISABLED, Telemetry
 from embedserve.v1 import (
     embed_service_pb2,
     embed_service_pb2_grpc,
@@ -55,8 +60,9 @@ API_SERVICES = tuple(
 HEALTH_NAMES = ("", *API_SERVICES)
 
 
-def build_registry(config: ServerConfig) -> ModelRegistry:
+def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> ModelRegistry:
     """Load every configured model. Raises ModelLoadError (or ValueError) before serving."""
+    faults.configure()  # test-only hooks: ValueError for a fault variable without the switch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(config.device, config.dtype)
     if device.device.type == "cpu":
@@ -81,7 +87,7 @@ def build_registry(config: ServerConfig) -> ModelRegistry:
         pooling=config.pooling,
     )
     embedder = EmbeddingModel(
-        adapter := load_embedder(embedder_options, device), _engine(adapter, limits)
+        adapter := load_embedder(embedder_options, device), _engine(adapter, limits, telemetry)
     )
     registry = ModelRegistry(default_embedder=name)
     registry.embedders[name] = embedder
@@ -97,14 +103,16 @@ def build_registry(config: ServerConfig) -> ModelRegistry:
             default_instruction=config.default_instruction,
         )
         reranker = load_reranker(reranker_options, device)
-        registry.rerankers[reranker_name] = ModelReranker(reranker, _engine(reranker, limits))
+        registry.rerankers[reranker_name] = ModelReranker(
+            reranker, _engine(reranker, limits, telemetry)
+        )
         registry.default_reranker = reranker_name
     return registry
 
 
-def _engine(adapter: object, limits: BatchLimits) -> Engine:
+def _engine(adapter: ModelAdapter, limits: BatchLimits, telemetry: Telemetry) -> Engine:
     try:
-        return Engine(adapter, limits)  # type: ignore[arg-type]
+        return Engine(adapter, limits, telemetry.for_engine(adapter))
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc
 
@@ -113,11 +121,22 @@ def _engine(adapter: object, limits: BatchLimits) -> Engine:
 class Server:
     config: ServerConfig
     registry: ModelRegistry
+    telemetry: Telemetry = DISABLED
 
     def __post_init__(self) -> None:
         self.lifecycle = Lifecycle()
         self.health = HealthServicer()
         self.port = 0
+        self.metrics_port: int | None = None
+        # Security settings are read now, so that a bad file fails the start, not a call.
+        config = self.config
+        self._credentials = server_credentials(
+            config.tls_cert, config.tls_key, config.tls_client_ca
+        )
+        self._auth: list[ApiKeyInterceptor] = []
+        if config.api_keys is not None:
+            exempt = [name.strip() for name in config.auth_exempt.split(",") if name.strip()]
+            self._auth.append(ApiKeyInterceptor(KeyStore(config.api_keys), exempt))
         self._grpc: grpc.aio.Server | None = None
         self._shutdown: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -126,7 +145,18 @@ class Server:
         """Bind and answer health (NOT_SERVING) at once; SERVING after the warm-up."""
         config = self.config
         limit = config.max_message_mb * 1024 * 1024
+        telemetry = self.telemetry
+        interceptor = TelemetryInterceptor(
+            telemetry.tracer,
+            telemetry.metrics,
+            {
+                API_SERVICES[0]: self.registry.default_embedder,
+                API_SERVICES[1]: self.registry.default_reranker,
+            },
+        )
         server = grpc.aio.server(
+            # Telemetry first, so that refused calls are counted and traced too.
+            interceptors=[interceptor, *self._auth],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
@@ -134,13 +164,13 @@ class Server:
                 # Let clients keep idle connections alive without being told off.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         settings = ApiSettings(
             default_truncation=Truncation(config.truncation), stream_window=config.stream_window
         )
         embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(
-            EmbedServicer(self.registry, self.lifecycle, settings), server
+            EmbedServicer(self.registry, self.lifecycle, settings, telemetry.metrics), server
         )
         rerank_service_pb2_grpc.add_RerankServiceServicer_to_server(
             RerankServicer(self.registry, self.lifecycle, settings), server
@@ -154,12 +184,33 @@ class Server:
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+            address = f"{config.host}:{config.port}"
+            if self._credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self._credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
         await server.start()
         self._grpc = server
-        log.info("listening", extra={"host": config.host, "port": self.port})
+        log.info(
+            "listening",
+            extra={
+                "host": config.host,
+                "port": self.port,
+                "tls": self._credentials is not None,
+                "mutual_tls": config.tls_client_ca is not None,
+                "api_keys": bool(self._auth),
+            },
+        )
+        if telemetry.metrics is not None and config.metrics_port is not None:
+            for engine in self.registry.engines():
+                telemetry.metrics.watch(engine)
+            self.metrics_port = telemetry.metrics.serve(config.metrics_host, config.metrics_port)
+            log.info(
+                "metrics",
+                extra={"host": config.metrics_host, "port": self.metrics_port, "path": "/metrics"},
+            )
         for engine in self.registry.engines():
             await engine.start(warmup=config.warmup)
         self.lifecycle.phase = Phase.SERVING
@@ -202,6 +253,7 @@ class Server:
             await self._grpc.stop(grace=1.0)
         for engine in self.registry.engines():
             await engine.stop()
+        self.telemetry.shutdown()
         log.info("stopped")
         self._stopped.set()
 

@@ -22,6 +22,7 @@ import grpc
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
 from embedserve.service.server import Server, build_registry
+from embedserve.service.telemetry.setup import Telemetry
 from embedserve.v1 import (
     embed_service_pb2_grpc,
     info_service_pb2_grpc,
@@ -55,11 +56,12 @@ class InProcessServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = build_registry(config)
+        self.telemetry = Telemetry.create(metrics=config.metrics_port is not None)
+        self.registry = build_registry(config, self.telemetry)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = Server(config, self.registry)
+        self.server = Server(config, self.registry, self.telemetry)
         self.run(self.server.start())
         self.port = self.server.port
         self.stubs = stubs_for(self.port)

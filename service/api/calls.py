@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from embedserve.service import faults
 from embedserve.service.api.errors import (
     ApiError,
     FieldViolation,
@@ -89,6 +90,8 @@ async def unary(
         await abort(context, refused)
     lifecycle.enter()
     try:
+        if (fault := await faults.before_call()) is not None:  # test-only hooks; off by default
+            raise fault
         return await handler()
     except Exception as exc:
         await abort(context, api_error(exc))

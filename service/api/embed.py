@@ -7,6 +7,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
+from embedserve.service import faults
 from embedserve.service.api import calls
 from embedserve.service.api.calls import Context
 from embedserve.service.api.encoding import duration, encode_vectors, finish_vectors
@@ -17,6 +20,7 @@ from embedserve.service.inference import Scheduling
 from embedserve.service.lifecycle import Lifecycle
 from embedserve.service.models.tokenization import InputTooLongError, Truncation
 from embedserve.service.registry import ModelRegistry, UnknownModel
+from embedserve.service.telemetry.metrics import ServerMetrics
 from embedserve.v1 import common_pb2, embed_service_pb2, embed_service_pb2_grpc
 
 
@@ -28,11 +32,16 @@ class ApiSettings:
 
 class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
     def __init__(
-        self, registry: ModelRegistry, lifecycle: Lifecycle, settings: ApiSettings
+        self,
+        registry: ModelRegistry,
+        lifecycle: Lifecycle,
+        settings: ApiSettings,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._registry = registry
         self._lifecycle = lifecycle
         self._settings = settings
+        self._metrics = metrics
 
     async def Embed(  # noqa: N802 - the gRPC method name
         self, request: embed_service_pb2.EmbedRequest, context: Context
@@ -52,6 +61,8 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
             await calls.abort(context, refused)
         self._lifecycle.enter()
         try:
+            if (fault := await faults.before_call()) is not None:  # test-only hooks
+                await calls.abort(context, fault)
             stream = _Stream(self, request_iterator, calls.absolute_deadline(context))
             async for response in stream.responses():
                 yield response
@@ -86,7 +97,7 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
                 request.inputs,
                 options.instruction,
                 options.truncation,
-                Scheduling(options.lane, deadline),
+                Scheduling(options.lane, deadline, detailed_trace=not field_prefix),
             )
         except InputTooLongError as exc:
             raise calls.too_long(
@@ -131,6 +142,9 @@ class _Stream:
         self._active_ids: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopped_for_drain = False
+        # Per-item work is aggregated on the stream's span: a million items must not
+        # make a million spans.
+        self._items = self._failed_items = self._inputs = self._tokens = 0
 
     async def responses(self) -> AsyncIterator[embed_service_pb2.EmbedStreamResponse]:
         reader = asyncio.ensure_future(self._read())
@@ -140,6 +154,16 @@ class _Stream:
                 self._window.release()
             await reader  # re-raises a broken request stream
         finally:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "embedserve.stream.items": self._items,
+                        "embedserve.stream.failed_items": self._failed_items,
+                        "embedserve.stream.inputs": self._inputs,
+                        "embedserve.stream.input_tokens": self._tokens,
+                    }
+                )
             reader.cancel()
             for task in self._tasks:
                 task.cancel()  # the client went away: drop its queued work
@@ -189,10 +213,20 @@ class _Stream:
                 item.request, self._deadline, Lane.BULK, "request."
             )
             response = embed_service_pb2.EmbedStreamResponse(id=item_id, result=result)
+            model, outcome = result.model, "OK"
+            self._inputs += result.usage.inputs
+            self._tokens += result.usage.input_tokens
         except Exception as exc:
             error = calls.api_error(exc)
             response = embed_service_pb2.EmbedStreamResponse(id=item_id, error=error.to_status())
+            model = item.request.model or self._servicer._registry.default_embedder
+            outcome = error.code.name
+            self._failed_items += 1
         finally:
             if owns_id:
                 self._active_ids.discard(item_id)
+        self._items += 1
+        metrics = self._servicer._metrics
+        if metrics is not None:
+            metrics.stream_items.labels(model, outcome).inc()
         self._out.put_nowait(response)

@@ -27,6 +27,7 @@ from embedserve.service.engine.stats import EngineStats
 from embedserve.service.engine.tokenizer_pool import TokenizerPool
 from embedserve.service.engine.work import Lane, Outcome, QueuedSequence, WorkRequest
 from embedserve.service.models.base import ModelAdapter
+from embedserve.service.telemetry.engine_hooks import EngineTelemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,9 +47,15 @@ class ComputeResult:
 
 
 class Engine:
-    def __init__(self, adapter: ModelAdapter, limits: BatchLimits) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        limits: BatchLimits,
+        telemetry: EngineTelemetry | None = None,
+    ) -> None:
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
+        self.telemetry = telemetry or EngineTelemetry(adapter.name, "", None, None)
         self.limits = limits
         self.stats = EngineStats()
         self.state = EngineState.STARTING
@@ -112,6 +119,11 @@ class Engine:
 
     # -- the API the transport uses ------------------------------------------------
 
+    @property
+    def outstanding(self) -> int:
+        """Requests accepted and not yet answered."""
+        return self._outstanding
+
     def queued_tokens(self, lane: Lane) -> int:
         return self._scheduler.queued_tokens(lane)
 
@@ -137,12 +149,18 @@ class Engine:
         return await self._tokenizer.run(job)
 
     async def compute(
-        self, sequences: list[list[int]], lane: Lane, deadline: float | None
+        self,
+        sequences: list[list[int]],
+        lane: Lane,
+        deadline: float | None,
+        *,
+        detailed_trace: bool = True,
     ) -> ComputeResult:
         """Queue the sequences and wait for one output row each.
 
         ``deadline`` is on the event loop's clock. Cancelling the awaiting task drops the
-        sequences that have not started computing.
+        sequences that have not started computing. ``detailed_trace`` adds a queue span
+        (off for stream items, which are aggregated on their stream's span).
         """
         loop = asyncio.get_running_loop()
         tokens = sum(len(s) for s in sequences)
@@ -151,6 +169,7 @@ class Engine:
             await self._wait_for_bulk_space(tokens)
             self.check_admission(lane, tokens)
         request = WorkRequest(sequences, lane, deadline, loop.time(), loop.create_future())
+        self.telemetry.request_queued(request, detailed_trace)
         self._scheduler.enqueue(request)
         self._outstanding += 1
         self._idle.clear()
@@ -197,6 +216,7 @@ class Engine:
         if not request.live:
             return
         request.outcome = outcome
+        self.telemetry.request_dropped(request, outcome.value)
         never_computed = self._scheduler.forget(request)
         if outcome is Outcome.EXPIRED:
             self.stats.sequences_expired += never_computed
@@ -232,9 +252,12 @@ class Engine:
         batch_id = self._batch_counter
         started = loop.time()
         ids = [seq.ids for seq in batch]
+        padded = len(batch) * self._runner.padded_width([s.length for s in batch])
+        span = self.telemetry.batch_started(batch, padded)
         try:
             outputs = await loop.run_in_executor(self._forward_thread, self._runner.run, ids)
         except Exception as exc:
+            self.telemetry.batch_finished(span, batch, padded, loop.time() - started, exc)
             # A failed forward pass fails its callers, never the server.
             self.stats.forward_failures += 1
             log.exception(
@@ -250,13 +273,12 @@ class Engine:
                         request.future.set_exception(error)
             return
         elapsed = loop.time() - started
+        self.telemetry.batch_finished(span, batch, padded, elapsed)
         stats = self.stats
         stats.batches += 1
         stats.sequences_computed += len(batch)
         stats.tokens_computed += sum(seq.length for seq in batch)
-        stats.padded_tokens_computed += len(batch) * self._runner.padded_width(
-            [s.length for s in batch]
-        )
+        stats.padded_tokens_computed += padded
         stats.forward_seconds += elapsed
         for seq, row in zip(batch, outputs, strict=True):
             seq.request.deliver(batch_id, started, elapsed, seq.index, row)

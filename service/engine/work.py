@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,9 @@ class WorkRequest:
     inference_s: float = 0.0
     last_batch: int = -1
     outputs: np.ndarray | None = field(default=None, repr=False)
+    # Tracing only: the caller's context, and its queue span while it waits.
+    trace_context: Any = field(default=None, repr=False)
+    queue_span: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.queued_count = self.remaining = len(self.sequences)

@@ -1,0 +1,1 @@
+"""Envoy in front of N embedserve replicas: the config renderer."""

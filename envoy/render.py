@@ -1,0 +1,629 @@
+"""One Envoy configuration for N embedserve replicas, rendered from typed parameters.
+
+The same renderer produces the config for the local ``embedserve cluster`` (STATIC replica
+addresses on loopback), for compose and for Kubernetes (STRICT_DNS on a service name). Every
+number below is a decision; the reasons are in docs/reliability.md and
+../shared/notes/envoy.md (facts measured on Envoy 1.40).
+
+    python -m embedserve.envoy.render --replicas 127.0.0.1:50061,127.0.0.1:50062 \\
+        --port 8080 --admin-port 9901 [--otlp 127.0.0.1:4317] --output envoy.yaml
+    python -m embedserve.envoy.render --dns embedserve-replicas:50051 --listen-host 0.0.0.0 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLUSTER = "embedserve"
+COLLECTOR_CLUSTER = "otel_collector"
+ADMIN_CLUSTER = "envoy_admin"
+# The admin interface has no authentication: it listens on loopback only, always.
+ADMIN_HOST = "127.0.0.1"
+STREAM_PATH = "/embedserve.v1.EmbedService/EmbedStream"
+# Long-lived streams that are not EmbedStream: they get the stream route too (no duration cap).
+OTHER_STREAM_PATHS = (
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+)
+UNARY_RETRY_ON = "unavailable,resource-exhausted,reset,connect-failure,refused-stream"
+# A stream is replayed only when it was refused at open: REFUSED_STREAM, or a Trailers-Only
+# UNAVAILABLE (warming up, draining, failing) that carries no response message. Envoy cannot
+# retry once response headers went downstream, so a stream that already answered is never
+# replayed: the client resumes it.
+STREAM_RETRY_ON = "refused-stream,unavailable"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def socket_address(self) -> Json:
+        return {"socket_address": {"address": self.host, "port_value": self.port}}
+
+
+@dataclass(frozen=True)
+class EnvoyParams:
+    """What varies between deployments. Exactly one of ``replicas`` and ``dns``."""
+
+    replicas: tuple[Endpoint, ...] = ()  # STATIC: fixed addresses (local cluster, tests)
+    dns: Endpoint | None = None  # STRICT_DNS: a headless service / compose service name
+    listen_host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 9901
+    # A listener that exposes only the admin's /ready (for kubelet probes), so the admin itself
+    # stays on loopback. None: no such listener.
+    ready_port: int | None = None
+    # OpenTelemetry: OTLP/gRPC collector; None switches tracing off.
+    otlp: Endpoint | None = None
+    trace_service_name: str = "embedserve-envoy"
+    # Fraction of new traces (no sampled parent) that are recorded; parents are obeyed.
+    trace_root_ratio: float = 1.0
+    access_log_path: str | None = None  # None: JSON lines on Envoy's stdout
+    # In-flight requests one replica holds at its busiest (sizes the retry budget floor, so that
+    # losing a whole replica's in-flight calls can all be retried at once).
+    replica_in_flight: int = 64
+    # Calls without a deadline (and the cap on a client's grpc-timeout).
+    unary_timeout_s: float = 60.0
+    # Envoy times a call out this much before the client would, so the client gets Envoy's
+    # DEADLINE_EXCEEDED rather than cancelling mid-flight.
+    grpc_timeout_offset_ms: int = 20
+    stream_idle_timeout_s: float = 300.0
+    # Every name must answer SERVING for the host to be healthy (Envoy >= 1.39 runs several
+    # named checks and ANDs them).
+    health_check_services: tuple[str, ...] = (
+        "embedserve.v1.EmbedService",
+        "embedserve.v1.RerankService",
+    )
+    health_check_interval_s: float = 1.0
+    # Circuit breakers (cluster-wide, per priority). Streams count as requests for their life.
+    max_connections: int = 1024
+    max_requests: int = 4096
+    max_pending_requests: int = 4096
+    max_message_mb: int = 16  # the replicas' --max-message-mb: retries need the body buffered
+    dns_refresh_s: float = 5.0
+    node_id: str = "embedserve-envoy"
+    extra_clusters: tuple[Json, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if bool(self.replicas) == (self.dns is not None):
+            raise ValueError("give either replica addresses or one DNS name, not both or none")
+        for name in ("port", "admin_port"):
+            value = getattr(self, name)
+            if not 0 < value < 65536:
+                raise ValueError(f"{name} must be a TCP port, got {value}")
+        if not 0.0 <= self.trace_root_ratio <= 1.0:
+            raise ValueError(f"trace_root_ratio must be in [0, 1], got {self.trace_root_ratio}")
+        if not self.health_check_services:
+            raise ValueError("give at least one health-checked service name")
+        if self.replica_in_flight < 1:
+            raise ValueError("replica_in_flight must be at least 1")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _typed(type_name: str, **body: Any) -> Json:
+    return {"@type": f"type.googleapis.com/{type_name}", **body}
+
+
+def _http2_upstream(keepalive: bool) -> Json:
+    http2: Json = {}
+    if keepalive:
+        # Finds a replica that vanished without closing its connection (a node lost).
+        http2["connection_keepalive"] = {"interval": "30s", "timeout": "5s"}
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": http2},
+        )
+    }
+
+
+def _load_assignment(cluster: str, endpoints: Sequence[Endpoint]) -> Json:
+    return {
+        "cluster_name": cluster,
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": e.socket_address()}} for e in endpoints]}
+        ],
+    }
+
+
+def replica_cluster(params: EnvoyParams) -> Json:
+    cluster: Json = {
+        "name": CLUSTER,
+        "connect_timeout": "1s",
+        # Full scan: the host with the fewest in-flight requests, always. Two random choices
+        # (the LEAST_REQUEST default) still send a slow host a large share with 2-3 replicas.
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.least_request",
+                        "typed_config": _typed(
+                            "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+                            selection_method="FULL_SCAN",
+                        ),
+                    }
+                }
+            ]
+        },
+        # Never panic: a host that is unhealthy (NOT_SERVING: warming up or draining) or ejected
+        # refuses calls anyway, so spraying traffic over it would only turn retries into
+        # failures. With every host down Envoy answers UNAVAILABLE at once ("no healthy
+        # upstream"), which clients retry with backoff.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "typed_extension_protocol_options": _http2_upstream(keepalive=True),
+        "upstream_connection_options": {
+            "tcp_keepalive": {"keepalive_time": 30, "keepalive_interval": 5, "keepalive_probes": 3}
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": params.max_connections,
+                    "max_pending_requests": params.max_pending_requests,
+                    "max_requests": params.max_requests,
+                    # Retries may add 25% to the active requests, but never fewer than one
+                    # replica's in-flight requests: losing a replica must not fail its calls.
+                    "retry_budget": {
+                        "budget_percent": {"value": 25.0},
+                        "min_retry_concurrency": params.replica_in_flight,
+                    },
+                    "track_remaining": True,
+                }
+            ]
+        },
+        "outlier_detection": {
+            # A replica answering UNAVAILABLE / DEADLINE_EXCEEDED (or not connecting) three
+            # times in a row is ejected at once. Enforcement is 0 by default: set it.
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "consecutive_5xx": 5,
+            "enforcing_consecutive_5xx": 100,
+            # A replica failing most calls (not necessarily in a row) is ejected too.
+            "failure_percentage_threshold": 50,
+            "enforcing_failure_percentage": 100,
+            "failure_percentage_minimum_hosts": 2,
+            "failure_percentage_request_volume": 10,
+            "enforcing_success_rate": 0,
+            "interval": "2s",
+            "base_ejection_time": "10s",
+            "max_ejection_time": "120s",
+            # At most half the replicas out at once; the rest must carry the load.
+            "max_ejection_percent": 50,
+            # Default true: the next passing health check would bring a host back within ~1 s,
+            # and a replica that says SERVING but fails its calls would flap in and out. Off: an
+            # ejected host serves again only after its ejection time.
+            "successful_active_health_check_uneject_host": False,
+        },
+        # One gRPC check a served API: a host is healthy only while all of them say SERVING.
+        # NOT_SERVING (warming up, draining) flips the host at the next check; a dead process
+        # after two failed checks.
+        "health_checks": [
+            {
+                "name": service.rsplit(".", 1)[-1],
+                "timeout": "1s",
+                "interval": _duration(params.health_check_interval_s),
+                "interval_jitter": "0.1s",
+                "no_traffic_interval": _duration(max(2.0, params.health_check_interval_s)),
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "reuse_connection": True,
+                "grpc_health_check": {"service_name": service},
+            }
+            for service in params.health_check_services
+        ],
+    }
+    if params.dns is not None:
+        # STRICT_DNS (every address the name resolves to is a host), in the extension form
+        # that Envoy 1.40 wants (the cluster-level dns_* fields are deprecated).
+        cluster.update(
+            {
+                "cluster_type": {
+                    "name": "envoy.cluster.dns",
+                    "typed_config": _typed(
+                        "envoy.extensions.clusters.dns.v3.DnsCluster",
+                        all_addresses_in_single_endpoint=False,
+                        dns_lookup_family="V4_PREFERRED",
+                        # Pods come and go: re-resolve often, whatever the record's TTL.
+                        dns_refresh_rate=_duration(params.dns_refresh_s),
+                        respect_dns_ttl=False,
+                    ),
+                },
+                "load_assignment": _load_assignment(CLUSTER, [params.dns]),
+            }
+        )
+    else:
+        cluster.update(
+            {"type": "STATIC", "load_assignment": _load_assignment(CLUSTER, params.replicas)}
+        )
+    return cluster
+
+
+def _retry_policy(retry_on: str, num_retries: int, backoff: bool) -> Json:
+    policy: Json = {
+        "retry_on": retry_on,
+        "num_retries": num_retries,
+        # Each retry goes to a host not tried yet for this call.
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _typed(
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                ),
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+    if backoff:
+        policy["retry_back_off"] = {"base_interval": "0.025s", "max_interval": "0.25s"}
+    return policy
+
+
+def _routes(params: EnvoyParams) -> list[Json]:
+    buffer_limit = params.max_message_mb * 1024 * 1024
+    stream_route: Json = {
+        "cluster": CLUSTER,
+        "timeout": "0s",  # no cap on a stream's life
+        "idle_timeout": _duration(params.stream_idle_timeout_s),
+        "retry_policy": _retry_policy(STREAM_RETRY_ON, 2, backoff=True),
+    }
+    unary_route: Json = {
+        "cluster": CLUSTER,
+        "timeout": _duration(params.unary_timeout_s),
+        "max_stream_duration": {
+            # The client's grpc-timeout is the call's deadline (capped), less a small offset
+            # so Envoy answers DEADLINE_EXCEEDED just before the client gives up.
+            "max_stream_duration": _duration(params.unary_timeout_s),
+            "grpc_timeout_header_max": _duration(params.unary_timeout_s),
+            "grpc_timeout_header_offset": _duration(params.grpc_timeout_offset_ms / 1000.0),
+        },
+        "retry_policy": _retry_policy(UNARY_RETRY_ON, 2, backoff=True),
+    }
+    routes: list[Json] = [
+        {
+            "name": "embed_stream",
+            "match": {"path": STREAM_PATH, "grpc": {}},
+            "route": stream_route,
+            "request_body_buffer_limit": buffer_limit,
+        }
+    ]
+    for index, path in enumerate(OTHER_STREAM_PATHS):
+        routes.append(
+            {
+                "name": f"stream_{index}",
+                "match": {"path": path, "grpc": {}},
+                "route": {**stream_route, "retry_policy": _retry_policy("refused-stream", 1, True)},
+            }
+        )
+    routes.append(
+        {
+            "name": "unary",
+            "match": {"prefix": "/", "grpc": {}},
+            "route": unary_route,
+            "request_body_buffer_limit": buffer_limit,
+        }
+    )
+    return routes
+
+
+ACCESS_LOG_FORMAT: Json = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:PATH)%",
+    "grpc_status": "%GRPC_STATUS%",
+    "grpc_status_code": "%GRPC_STATUS_NUMBER%",
+    "response_code": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "duration_ms": "%DURATION%",
+    "upstream_service_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "grpc_timeout": "%REQ(GRPC-TIMEOUT)%",
+    "trace_id": "%TRACE_ID%",
+    "traceparent": "%REQ(TRACEPARENT)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "downstream": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+}
+
+
+def _access_log(params: EnvoyParams) -> list[Json]:
+    log_format = {"json_format": ACCESS_LOG_FORMAT}
+    if params.access_log_path is None:
+        logger = _typed(
+            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", log_format=log_format
+        )
+        name = "envoy.access_loggers.stdout"
+    else:
+        logger = _typed(
+            "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            path=params.access_log_path,
+            log_format=log_format,
+        )
+        name = "envoy.access_loggers.file"
+    return [{"name": name, "typed_config": logger}]
+
+
+def _tracing(params: EnvoyParams) -> Json | None:
+    if params.otlp is None:
+        return None
+    ratio_sampler = {
+        "name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
+        "typed_config": _typed(
+            "envoy.extensions.tracers.opentelemetry.samplers.v3.TraceIdRatioBasedSamplerConfig",
+            sampling_percentage={
+                "numerator": round(params.trace_root_ratio * 1_000_000),
+                "denominator": "MILLION",
+            },
+        ),
+    }
+    return {
+        # Keep at 100: below it Envoy overrides even sampled parents and forwards "-00".
+        # Root sampling is the OpenTelemetry sampler's job (parent-based below).
+        "random_sampling": {"value": 100.0},
+        # One CLIENT span per upstream attempt: retries show up in the trace.
+        "spawn_upstream_span": True,
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": COLLECTOR_CLUSTER}, "timeout": "1s"},
+                service_name=params.trace_service_name,
+                sampler={
+                    "name": "envoy.tracers.opentelemetry.samplers.parent_based",
+                    "typed_config": _typed(
+                        "envoy.extensions.tracers.opentelemetry.samplers.v3.ParentBasedSamplerConfig",
+                        wrapped_sampler=ratio_sampler,
+                    ),
+                },
+            ),
+        },
+    }
+
+
+def _grpc_listener(params: EnvoyParams) -> Json:
+    manager: Json = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="grpc_ingress",
+        codec_type="AUTO",
+        use_remote_address=True,
+        generate_request_id=True,
+        http2_protocol_options={"max_concurrent_streams": 1024},
+        common_http_protocol_options={"idle_timeout": "3600s"},
+        access_log=_access_log(params),
+        route_config={
+            "name": CLUSTER,
+            "virtual_hosts": [{"name": CLUSTER, "domains": ["*"], "routes": _routes(params)}],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.grpc_stats",
+                "typed_config": _typed(
+                    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                    stats_for_all_methods=True,
+                    enable_upstream_stats=True,
+                    replace_dots_in_grpc_service_name=True,
+                    emit_filter_state=True,
+                ),
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            },
+        ],
+    )
+    tracing = _tracing(params)
+    if tracing is not None:
+        manager["tracing"] = tracing
+    return {
+        "name": "grpc",
+        "address": Endpoint(params.listen_host, params.port).socket_address(),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _ready_listener(params: EnvoyParams, port: int) -> Json:
+    """Only GET /ready of the admin, on a public port, for kubelet probes."""
+    manager = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="ready",
+        codec_type="HTTP1",
+        route_config={
+            "name": "ready",
+            "virtual_hosts": [
+                {
+                    "name": "ready",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"path": "/ready", "headers": [_method_is("GET")]},
+                            "route": {"cluster": ADMIN_CLUSTER, "timeout": "2s"},
+                        },
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                    ],
+                }
+            ],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+    return {
+        "name": "ready",
+        "address": Endpoint(params.listen_host, port).socket_address(),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _method_is(method: str) -> Json:
+    return {"name": ":method", "string_match": {"exact": method}}
+
+
+def render(params: EnvoyParams) -> Json:
+    """The whole bootstrap config as a JSON-able dict."""
+    clusters: list[Json] = [replica_cluster(params)]
+    listeners = [_grpc_listener(params)]
+    if params.otlp is not None:
+        clusters.append(
+            {
+                "name": COLLECTOR_CLUSTER,
+                "cluster_type": {
+                    "name": "envoy.cluster.dns",
+                    "typed_config": _typed(
+                        "envoy.extensions.clusters.dns.v3.DnsCluster",
+                        dns_lookup_family="V4_PREFERRED",
+                    ),
+                },
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": _http2_upstream(keepalive=False),
+                "load_assignment": _load_assignment(COLLECTOR_CLUSTER, [params.otlp]),
+            }
+        )
+    if params.ready_port is not None:
+        listeners.append(_ready_listener(params, params.ready_port))
+        clusters.append(
+            {
+                "name": ADMIN_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": _load_assignment(
+                    ADMIN_CLUSTER, [Endpoint(ADMIN_HOST, params.admin_port)]
+                ),
+            }
+        )
+    clusters.extend(params.extra_clusters)
+    return {
+        "node": {"id": params.node_id, "cluster": CLUSTER},
+        "admin": {"address": Endpoint(ADMIN_HOST, params.admin_port).socket_address()},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _typed(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        max_active_downstream_connections=10000,
+                    ),
+                }
+            ]
+        },
+    }
+
+
+HEADER = (
+    "# Generated by `python -m embedserve.envoy.render` (envoy/render.py): do not edit by hand.\n"
+)
+
+
+def to_yaml(config: Json, header: str = HEADER) -> str:
+    import yaml
+
+    return header + yaml.safe_dump(config, sort_keys=False, width=100)
+
+
+def write(params: EnvoyParams, path: Path) -> Path:
+    config = render(params)
+    text = json.dumps(config, indent=2) + "\n" if path.suffix == ".json" else to_yaml(config)
+    path.write_text(text)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m embedserve.envoy.render",
+        description="Render the Envoy config for N embedserve replicas.",
+    )
+    upstream = parser.add_mutually_exclusive_group(required=True)
+    upstream.add_argument("--replicas", help="host:port,host:port,... (a STATIC cluster)")
+    upstream.add_argument("--dns", help="name:port resolved by Envoy (a STRICT_DNS cluster)")
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="the gRPC listener's port")
+    parser.add_argument("--admin-port", type=int, default=9901, help="admin, on 127.0.0.1")
+    parser.add_argument("--ready-port", type=int, help="a listener exposing only /ready")
+    parser.add_argument("--otlp", help="host:port of an OTLP/gRPC collector: turns tracing on")
+    parser.add_argument("--trace-root-ratio", type=float, default=1.0)
+    parser.add_argument("--access-log", help="a file for the JSON access log (default: stdout)")
+    parser.add_argument("--replica-in-flight", type=int, default=64)
+    parser.add_argument("--unary-timeout-s", type=float, default=60.0)
+    parser.add_argument("--output", type=Path, help="the file to write (.yaml or .json)")
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> EnvoyParams:
+    return EnvoyParams(
+        replicas=tuple(Endpoint.parse(r) for r in args.replicas.split(",") if r.strip())
+        if args.replicas
+        else (),
+        dns=Endpoint.parse(args.dns) if args.dns else None,
+        listen_host=args.listen_host,
+        port=args.port,
+        admin_port=args.admin_port,
+        ready_port=args.ready_port,
+        otlp=Endpoint.parse(args.otlp) if args.otlp else None,
+        trace_root_ratio=args.trace_root_ratio,
+        access_log_path=args.access_log,
+        replica_in_flight=args.replica_in_flight,
+        unary_timeout_s=args.unary_timeout_s,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        params = params_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.output is None:
+        sys.stdout.write(to_yaml(render(params)))
+    else:
+        write(params, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transport security (TLS, mTLS) and API keys."""

@@ -1,0 +1,190 @@
+"""Prometheus metrics on an HTTP port (``--metrics-port``, path /metrics).
+
+Every series carries a ``model`` label. Counters and gauges the engine already keeps
+(queue depth, rejections, expiries) are read at scrape time by a collector, so they cost
+nothing on the hot path; only the histograms are observed as work happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from embedserve.service.engine.work import Lane
+
+if TYPE_CHECKING:
+    from embedserve.service.engine.engine import Engine
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+_RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+class ServerMetrics:
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "embedserve_requests",
+            "Finished RPCs by method and status code.",
+            ["model", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "embedserve_request_duration_seconds",
+            "RPC latency by method and status code.",
+            ["model", "method", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stream_items = Counter(
+            "embedserve_stream_items",
+            "EmbedStream items answered, by outcome (ok or the error code).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "embedserve_batch_size",
+            "Sequences in one forward pass.",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_tokens = Histogram(
+            "embedserve_batch_tokens",
+            "Tokens in one forward pass, padding included.",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.padding_ratio = Histogram(
+            "embedserve_batch_padding_ratio",
+            "Share of a forward pass spent on padding.",
+            ["model"],
+            buckets=_RATIO_BUCKETS,
+            registry=self.registry,
+        )
+        self.forward_seconds = Histogram(
+            "embedserve_forward_duration_seconds",
+            "Duration of one forward pass.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._engines = _EngineCollector(version)
+        self.registry.register(self._engines)
+
+    def watch(self, engine: Engine) -> None:
+        self._engines.engines.append(engine)
+
+    def observe_batch(
+        self, model: str, size: int, tokens: int, padded_tokens: int, seconds: float
+    ) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.batch_tokens.labels(model).observe(padded_tokens)
+        self.padding_ratio.labels(model).observe(1 - tokens / padded_tokens if padded_tokens else 0)
+        self.forward_seconds.labels(model).observe(seconds)
+
+    def observe_call(self, model: str, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(model, method, code).inc()
+        self.latency.labels(model, method, code).observe(seconds)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])
+
+
+class _EngineCollector(Collector):
+    """Reads the engines' own counters and queue depths at scrape time."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.engines: list[Engine] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected lazily; the set of engines grows after registration
+
+    def collect(self) -> Iterator[Metric]:
+        queue_tokens = GaugeMetricFamily(
+            "embedserve_queue_tokens",
+            "Tokens waiting in the queue, by lane.",
+            labels=["model", "lane"],
+        )
+        queue_sequences = GaugeMetricFamily(
+            "embedserve_queue_sequences",
+            "Sequences waiting in the queue, by lane.",
+            labels=["model", "lane"],
+        )
+        in_flight = GaugeMetricFamily(
+            "embedserve_requests_in_flight",
+            "Requests accepted by the engine and not yet answered.",
+            labels=["model"],
+        )
+        tokens = CounterMetricFamily(
+            "embedserve_tokens", "Tokens computed (rate() gives tokens/s).", labels=["model"]
+        )
+        sequences = CounterMetricFamily(
+            "embedserve_sequences", "Sequences computed.", labels=["model"]
+        )
+        batches = CounterMetricFamily("embedserve_batches", "Forward passes run.", labels=["model"])
+        rejected = CounterMetricFamily(
+            "embedserve_rejected_requests",
+            "Requests refused with RESOURCE_EXHAUSTED.",
+            labels=["model"],
+        )
+        expired = CounterMetricFamily(
+            "embedserve_expired_sequences",
+            "Sequences dropped unseen because their deadline passed.",
+            labels=["model"],
+        )
+        cancelled = CounterMetricFamily(
+            "embedserve_cancelled_sequences",
+            "Sequences dropped unseen because their call was cancelled.",
+            labels=["model"],
+        )
+        failures = CounterMetricFamily(
+            "embedserve_forward_failures", "Forward passes that failed.", labels=["model"]
+        )
+        info = GaugeMetricFamily(
+            "embedserve_build_info",
+            "Always 1: the server version and what each model runs on.",
+            labels=["model", "version", "family", "device", "dtype"],
+        )
+        for engine in self.engines:
+            model = engine.adapter.name
+            stats = engine.stats
+            for lane in Lane:
+                queue_tokens.add_metric([model, lane.value], engine.queued_tokens(lane))
+                queue_sequences.add_metric([model, lane.value], engine.queued_sequences(lane))
+            in_flight.add_metric([model], engine.outstanding)
+            tokens.add_metric([model], stats.tokens_computed)
+            sequences.add_metric([model], stats.sequences_computed)
+            batches.add_metric([model], stats.batches)
+            rejected.add_metric([model], stats.requests_rejected)
+            expired.add_metric([model], stats.sequences_expired)
+            cancelled.add_metric([model], stats.sequences_cancelled)
+            failures.add_metric([model], stats.forward_failures)
+            device = engine.adapter.device
+            info.add_metric(
+                [model, self.version, engine.adapter.family, str(device.device), device.dtype_name],
+                1,
+            )
+        yield from (
+            queue_tokens,
+            queue_sequences,
+            in_flight,
+            tokens,
+            sequences,
+            batches,
+            rejected,
+            expired,
+            cancelled,
+            failures,
+            info,
+        )
