@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from embedserve.service import faults
+from embedserve.service.api.decoding import SafeDecodingInterceptor
 from embedserve.service.api.embed import ApiSettings, EmbedServicer
 from embedserve.service.api.info import InfoServicer, describe
 from embedserve.service.api.rerank import RerankServicer
@@ -156,7 +157,8 @@ class Server:
         )
         server = grpc.aio.server(
             # Telemetry first, so that refused calls are counted and traced too.
-            interceptors=[interceptor, *self._auth],
+            # Decoding first: every layer after it sees only well-formed messages.
+            interceptors=[SafeDecodingInterceptor(), interceptor, *self._auth],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
