@@ -157,7 +157,7 @@ def test_random_rerank_requests(
 def test_garbage_bytes_as_request_messages(
     fuzz_server: Counter, method: str, payload: bytes
 ) -> None:
-    call = fuzz_server.server.stubs.channel.unary_unary(method)
+    call = fuzz_server.server.stubs.channel.unary_unary(method, None, None)
     check(call, payload)
     fuzz_server.tick()
 
@@ -180,7 +180,9 @@ def test_random_streams(
     ]
     if garbage is not None:
         messages.append(garbage)
-    call = fuzz_server.server.stubs.channel.stream_stream("/embedserve.v1.EmbedService/EmbedStream")
+    call = fuzz_server.server.stubs.channel.stream_stream(
+        "/embedserve.v1.EmbedService/EmbedStream", None, None
+    )
     try:
         answers = [
             embed_service_pb2.EmbedStreamResponse.FromString(raw)
