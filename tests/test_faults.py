@@ -67,7 +67,7 @@ def test_a_thousand_streams_that_never_read_stay_bounded(qwen3_embedding_folder:
             for call in calls:
                 call.cancel()
             for channel in channels:
-                await channel.close()
+                await channel.close(grace=None)
             return peak, sent
 
         peak, sent = asyncio.run(scenario())
@@ -105,7 +105,7 @@ def test_a_client_that_disconnects_mid_stream_has_its_work_dropped(
             wait_until(lambda: engine.queued_sequences(Lane.BULK) == 16, what="the window queued")
             computed = server.call(lambda: engine.stats.sequences_computed)
             cancelled = server.call(lambda: engine.stats.sequences_cancelled)
-            call.cancel()  # the client goes away
+            call.cancel()  # type: ignore[no-untyped-call]  # the client goes away
             wait_until(
                 lambda: server.call(lambda: engine.stats.sequences_cancelled) == cancelled + 16,
                 what="the stream's queued work dropped",
