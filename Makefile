@@ -41,12 +41,12 @@ lint: test-deps
 # mypy cannot follow the editable install's package mapping, so it reads the code
 # through a tree of links that spells the import names (embedserve.service, ...).
 typecheck: test-deps
-	rm -rf build/typecheck && mkdir -p build/typecheck/embedserve
-	ln -s ../../../service build/typecheck/embedserve/service
-	ln -s ../../../client build/typecheck/embedserve/client
-	ln -s ../../../envoy build/typecheck/embedserve/envoy
-	ln -s ../../../protos/embedserve/v1 build/typecheck/embedserve/v1
-	ln -s ../../tests build/typecheck/tests
+	mkdir -p build/typecheck/embedserve
+	ln -sfn ../../../service build/typecheck/embedserve/service
+	ln -sfn ../../../client build/typecheck/embedserve/client
+	ln -sfn ../../../envoy build/typecheck/embedserve/envoy
+	ln -sfn ../../../protos/embedserve/v1 build/typecheck/embedserve/v1
+	ln -sfn ../../tests build/typecheck/tests
 	cd build/typecheck && MYPYPATH=.:tests ../../$(BIN)/mypy --config-file ../../pyproject.toml \
 	  --explicit-package-bases embedserve/service embedserve/client embedserve/envoy tests
 
