@@ -144,3 +144,14 @@ go-vet: go-deps go-gopath
 	$(GO_ENV) go vet $(GO_STUBS_IMPORT) $(GO_IMPORT)/client/go/example
 
 go-check: go-check-stubs go-vet go-example
+
+# --- Benchmarks (bench/, never part of `make test`) -------------------------------------------
+# `make bench` runs the default suite (about 15 minutes); BENCH_ARGS='--quick' or '--full'.
+# infinity-emb, the peer, lives in its own venv (it pins its own transformers and numpy).
+.PHONY: bench
+bench: venv
+	$(BIN)/pip install --quiet -e '.[bench]'
+	test -x bench/.venv-infinity/bin/infinity_emb || { $(PYTHON) -m venv bench/.venv-infinity \
+	  && bench/.venv-infinity/bin/pip install --quiet $(TORCH) 'infinity-emb[server,torch]==0.0.78'; } \
+	  || echo "infinity-emb could not be installed: its scenario is skipped" >&2
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

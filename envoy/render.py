@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,8 @@ class EnvoyParams:
     # DEADLINE_EXCEEDED rather than cancelling mid-flight.
     grpc_timeout_offset_ms: int = 20
     stream_idle_timeout_s: float = 300.0
-    # Every name must answer SERVING for the host to be healthy (Envoy >= 1.39 runs several
-    # named checks and ANDs them).
+    # Every name must answer SERVING for the host to be healthy (Envoy 1.40 runs several named
+    # checks and a host passes only when all of them do).
     health_check_services: tuple[str, ...] = (
         "embedserve.v1.EmbedService",
         "embedserve.v1.RerankService",
@@ -102,7 +102,6 @@ class EnvoyParams:
     max_message_mb: int = 16  # the replicas' --max-message-mb: retries need the body buffered
     dns_refresh_s: float = 5.0
     node_id: str = "embedserve-envoy"
-    extra_clusters: tuple[Json, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if bool(self.replicas) == (self.dns is not None):
@@ -535,7 +534,6 @@ def render(params: EnvoyParams) -> Json:
                 ),
             }
         )
-    clusters.extend(params.extra_clusters)
     return {
         "node": {"id": params.node_id, "cluster": CLUSTER},
         "admin": {"address": Endpoint(ADMIN_HOST, params.admin_port).socket_address()},

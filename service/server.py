@@ -207,7 +207,7 @@ class Server:
         )
         if telemetry.metrics is not None and config.metrics_port is not None:
             for engine in self.registry.engines():
-                telemetry.metrics.watch(engine)
+                telemetry.metrics.watch(engine, asyncio.get_running_loop())
             self.metrics_port = telemetry.metrics.serve(config.metrics_host, config.metrics_port)
             log.info(
                 "metrics",

@@ -7,6 +7,7 @@ nothing on the hot path; only the histograms are observed as work happens.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -79,8 +80,10 @@ class ServerMetrics:
         self._engines = _EngineCollector(version)
         self.registry.register(self._engines)
 
-    def watch(self, engine: Engine) -> None:
+    def watch(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._engines.engines.append(engine)
+        if loop is not None:
+            self._engines.loop = loop
 
     def observe_batch(
         self, model: str, size: int, tokens: int, padded_tokens: int, seconds: float
@@ -106,6 +109,7 @@ class _EngineCollector(Collector):
     def __init__(self, version: str) -> None:
         self.version = version
         self.engines: list[Engine] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # collected lazily; the set of engines grows after registration
@@ -151,6 +155,11 @@ class _EngineCollector(Collector):
         failures = CounterMetricFamily(
             "embedserve_forward_failures", "Forward passes that failed.", labels=["model"]
         )
+        tasks = GaugeMetricFamily(
+            "embedserve_event_loop_tasks",
+            "asyncio tasks alive in the server process (a leak shows as growth).",
+            labels=["model"],
+        )
         info = GaugeMetricFamily(
             "embedserve_build_info",
             "Always 1: the server version and what each model runs on.",
@@ -175,7 +184,10 @@ class _EngineCollector(Collector):
                 [model, self.version, engine.adapter.family, str(device.device), device.dtype_name],
                 1,
             )
+        if self.loop is not None and self.engines:
+            tasks.add_metric([self.engines[0].adapter.name], _count_tasks(self.loop))
         yield from (
+            tasks,
             queue_tokens,
             queue_sequences,
             in_flight,
@@ -188,3 +200,13 @@ class _EngineCollector(Collector):
             failures,
             info,
         )
+
+
+def _count_tasks(loop: asyncio.AbstractEventLoop) -> int:
+    # Read from the scrape thread: the set can change while it is copied; retry.
+    for _ in range(5):
+        try:
+            return len(asyncio.all_tasks(loop))
+        except RuntimeError:
+            continue
+    return -1
