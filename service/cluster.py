@@ -93,6 +93,7 @@ def register(commands: Any) -> None:
 class Replica:
     port: int
     process: subprocess.Popen[bytes]
+    metrics_port: int
 
     @property
     def address(self) -> str:
@@ -122,7 +123,9 @@ def _spawn(command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
 
 
-def replica_command(args: argparse.Namespace, port: int, threads: int) -> list[str]:
+def replica_command(
+    args: argparse.Namespace, port: int, threads: int, metrics_port: int
+) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -138,6 +141,8 @@ def replica_command(args: argparse.Namespace, port: int, threads: int) -> list[s
         str(args.drain_delay_s),
         "--grace-period-s",
         str(args.grace_period_s),
+        "--metrics-port",
+        str(metrics_port),
     ]
     for flag in ("model", "model_name", "reranker", "reranker_name", "device", "warmup"):
         value = getattr(args, flag)
@@ -201,9 +206,9 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         for _ in range(args.replicas):
-            port = free_port()
-            command = replica_command(args, port, threads)
-            replicas.append(Replica(port, _spawn(command, stdout=subprocess.DEVNULL)))
+            port, metrics_port = free_port(), free_port()
+            command = replica_command(args, port, threads, metrics_port)
+            replicas.append(Replica(port, _spawn(command, stdout=subprocess.DEVNULL), metrics_port))
         log.info(
             "starting replicas",
             extra={"replicas": [r.address for r in replicas], "threads": threads},
@@ -234,10 +239,18 @@ def run(args: argparse.Namespace) -> int:
                 "event": "ready",
                 "listener": f"{args.host}:{args.port}",
                 "admin": f"http://127.0.0.1:{args.admin_port}/",
+                "envoy_metrics": f"http://127.0.0.1:{args.admin_port}/stats/prometheus",
                 "envoy_config": str(config_path),
                 "pid": os.getpid(),
                 "envoy_pid": envoy.pid,
-                "replicas": [{"address": r.address, "pid": r.process.pid} for r in replicas],
+                "replicas": [
+                    {
+                        "address": r.address,
+                        "pid": r.process.pid,
+                        "metrics": f"http://{HOST}:{r.metrics_port}/metrics",
+                    }
+                    for r in replicas
+                ],
             }
         )
         code = _supervise(replicas, envoy, stop)

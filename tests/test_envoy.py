@@ -104,13 +104,16 @@ class Proxy:
 
 
 @contextmanager
-def envoy_over(ports: Sequence[int], tmp_path: Path, name: str = "envoy") -> Iterator[Proxy]:
+def envoy_over(
+    ports: Sequence[int], tmp_path: Path, name: str = "envoy", otlp: Endpoint | None = None
+) -> Iterator[Proxy]:
     """A real Envoy over replicas on 127.0.0.1, ready and with every host healthy."""
     params = EnvoyParams(
         replicas=tuple(Endpoint("127.0.0.1", port) for port in ports),
         port=free_port(),
         admin_port=free_port(),
         access_log_path=str(tmp_path / f"{name}-access.log"),
+        otlp=otlp,
     )
     config = write(params, tmp_path / f"{name}.yaml")
     with open(tmp_path / f"{name}.log", "w") as log:

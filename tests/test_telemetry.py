@@ -36,6 +36,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __init__(self) -> None:
         self.spans: list[trace_pb2.Span] = []
+        self.services: dict[bytes, str] = {}  # span id -> the resource's service.name
         self.lock = threading.Lock()
 
     def Export(  # noqa: N802
@@ -43,8 +44,18 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         with self.lock:
             for resource_spans in request.resource_spans:
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in resource_spans.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
                 for scope_spans in resource_spans.scope_spans:
                     self.spans.extend(scope_spans.spans)
+                    for span in scope_spans.spans:
+                        self.services[span.span_id] = service
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def named(self, name: str) -> list[trace_pb2.Span]:
@@ -358,3 +369,60 @@ def test_dashboard_and_alerts_use_series_the_server_exports(qwen3_embedding_fold
         "EmbedserveReplicaDown",
         "EmbedserveReplicaEjected",
     } <= alert_names
+
+
+def test_one_trace_through_envoy_into_the_replica_queue_and_batch(
+    receiver: tuple[Receiver, int], qwen3_embedding_folder: Path, tmp_path: Path
+) -> None:
+    """client span -> Envoy server and upstream spans -> replica server span -> queue ->
+    the batch span that links back to it: one trace id."""
+    from test_envoy import envoy_over, replicas_running
+
+    from embedserve.envoy.render import Endpoint
+
+    spans, port = receiver
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": "embedserve-replica",
+    }
+    with replicas_running(qwen3_embedding_folder, [env]) as replicas, envoy_over(
+        [r.port for r in replicas], tmp_path, otlp=Endpoint("127.0.0.1", port)
+    ) as proxy:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with Client(proxy.target, tracer_provider=provider) as client:
+            client.embed(["traced through envoy"])
+        (client_span,) = exporter.get_finished_spans()
+        assert client_span.context is not None
+        trace_id = client_span.context.trace_id.to_bytes(16, "big")
+
+        def in_trace(service: str) -> list[trace_pb2.Span]:
+            with spans.lock:
+                return [
+                    s
+                    for s in spans.spans
+                    if s.trace_id == trace_id and spans.services.get(s.span_id) == service
+                ]
+
+        wait_until(
+            lambda: len(in_trace("embedserve-envoy")) >= 2, timeout=60, what="Envoy spans"
+        )
+        wait_until(
+            lambda: {s.name for s in in_trace("embedserve-replica")} >= {"queue", "batch"},
+            timeout=60,
+            what="replica spans",
+        )
+    envoy_spans = in_trace("embedserve-envoy")
+    kinds = {s.kind for s in envoy_spans}
+    assert {trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT} <= kinds
+    envoy_server = next(s for s in envoy_spans if s.kind == trace_pb2.Span.SPAN_KIND_SERVER)
+    assert envoy_server.parent_span_id == client_span.context.span_id.to_bytes(8, "big")
+    upstream_ids = {s.span_id for s in envoy_spans if s.kind == trace_pb2.Span.SPAN_KIND_CLIENT}
+    replica = {s.name: s for s in in_trace("embedserve-replica")}
+    server = replica["embedserve.v1.EmbedService/Embed"]
+    assert server.parent_span_id in upstream_ids  # Envoy's upstream span is the parent
+    assert replica["queue"].parent_span_id == server.span_id
+    assert [link.span_id for link in replica["batch"].links] == [server.span_id]
