@@ -387,9 +387,10 @@ def test_one_trace_through_envoy_into_the_replica_queue_and_batch(
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_SERVICE_NAME": "embedserve-replica",
     }
-    with replicas_running(qwen3_embedding_folder, [env]) as replicas, envoy_over(
-        [r.port for r in replicas], tmp_path, otlp=Endpoint("127.0.0.1", port)
-    ) as proxy:
+    with (
+        replicas_running(qwen3_embedding_folder, [env]) as replicas,
+        envoy_over([r.port for r in replicas], tmp_path, otlp=Endpoint("127.0.0.1", port)) as proxy,
+    ):
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -407,9 +408,7 @@ def test_one_trace_through_envoy_into_the_replica_queue_and_batch(
                     if s.trace_id == trace_id and spans.services.get(s.span_id) == service
                 ]
 
-        wait_until(
-            lambda: len(in_trace("embedserve-envoy")) >= 2, timeout=60, what="Envoy spans"
-        )
+        wait_until(lambda: len(in_trace("embedserve-envoy")) >= 2, timeout=60, what="Envoy spans")
         wait_until(
             lambda: {s.name for s in in_trace("embedserve-replica")} >= {"queue", "batch"},
             timeout=60,
