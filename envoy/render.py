@@ -62,6 +62,61 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class DownstreamTls:
+    """Envoy terminates TLS from clients; with ``client_ca`` it requires client certificates."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS from Envoy to the replicas (their --tls-cert), verified against ``ca``; ``cert`` and
+    ``key`` present a client certificate to replicas that require one (--tls-client-ca)."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    sni: str | None = None
+
+
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_TLS_TYPES = "envoy.extensions.transport_sockets.tls.v3."
+
+
+def _certificates(cert: str, key: str) -> list[Json]:
+    return [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]
+
+
+def _downstream_tls(tls: DownstreamTls) -> Json:
+    context: Json = {"tls_certificates": _certificates(tls.cert, tls.key), "alpn_protocols": ["h2"]}
+    if tls.client_ca is not None:
+        context["validation_context"] = {"trusted_ca": {"filename": tls.client_ca}}
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": _typed(
+            _TLS_TYPES + "DownstreamTlsContext",
+            common_tls_context=context,
+            require_client_certificate=tls.client_ca is not None,
+        ),
+    }
+
+
+def _upstream_tls(tls: UpstreamTls) -> Json:
+    context: Json = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {"trusted_ca": {"filename": tls.ca}},
+    }
+    if tls.cert is not None and tls.key is not None:
+        context["tls_certificates"] = _certificates(tls.cert, tls.key)
+    body: Json = {"common_tls_context": context}
+    if tls.sni:
+        body["sni"] = tls.sni
+    return {"name": _TLS_SOCKET, "typed_config": _typed(_TLS_TYPES + "UpstreamTlsContext", **body)}
+
+
+@dataclass(frozen=True)
 class EnvoyParams:
     """What varies between deployments. Exactly one of ``replicas`` and ``dns``."""
 
@@ -102,6 +157,8 @@ class EnvoyParams:
     max_message_mb: int = 16  # the replicas' --max-message-mb: retries need the body buffered
     dns_refresh_s: float = 5.0
     node_id: str = "embedserve-envoy"
+    downstream_tls: DownstreamTls | None = None
+    upstream_tls: UpstreamTls | None = None
 
     def __post_init__(self) -> None:
         if bool(self.replicas) == (self.dns is not None):
@@ -173,6 +230,11 @@ def replica_cluster(params: EnvoyParams) -> Json:
         # upstream"), which clients retry with backoff.
         "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
         "typed_extension_protocol_options": _http2_upstream(keepalive=True),
+        **(
+            {"transport_socket": _upstream_tls(params.upstream_tls)}
+            if params.upstream_tls is not None
+            else {}
+        ),
         "upstream_connection_options": {
             "tcp_keepalive": {"keepalive_time": 30, "keepalive_interval": 5, "keepalive_probes": 3}
         },
@@ -437,19 +499,20 @@ def _grpc_listener(params: EnvoyParams) -> Json:
     tracing = _tracing(params)
     if tracing is not None:
         manager["tracing"] = tracing
+    chain: Json = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": manager,
+            }
+        ]
+    }
+    if params.downstream_tls is not None:
+        chain["transport_socket"] = _downstream_tls(params.downstream_tls)
     return {
         "name": "grpc",
         "address": Endpoint(params.listen_host, params.port).socket_address(),
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": manager,
-                    }
-                ]
-            }
-        ],
+        "filter_chains": [chain],
     }
 
 
@@ -587,11 +650,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--access-log", help="a file for the JSON access log (default: stdout)")
     parser.add_argument("--replica-in-flight", type=int, default=64)
     parser.add_argument("--unary-timeout-s", type=float, default=60.0)
+    parser.add_argument("--tls-cert", help="PEM certificate: terminate TLS from clients")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA: require client certificates (mTLS)")
+    parser.add_argument("--upstream-ca", help="PEM CA: speak TLS to the replicas, verified")
+    parser.add_argument("--upstream-cert", help="PEM client certificate for the replicas")
+    parser.add_argument("--upstream-key", help="PEM key of --upstream-cert")
+    parser.add_argument("--upstream-sni", help="SNI sent to the replicas")
     parser.add_argument("--output", type=Path, help="the file to write (.yaml or .json)")
     return parser
 
 
 def params_from_args(args: argparse.Namespace) -> EnvoyParams:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
     return EnvoyParams(
         replicas=tuple(Endpoint.parse(r) for r in args.replicas.split(",") if r.strip())
         if args.replicas
@@ -606,6 +678,14 @@ def params_from_args(args: argparse.Namespace) -> EnvoyParams:
         access_log_path=args.access_log,
         replica_in_flight=args.replica_in_flight,
         unary_timeout_s=args.unary_timeout_s,
+        downstream_tls=DownstreamTls(args.tls_cert, args.tls_key, args.tls_client_ca)
+        if args.tls_cert and args.tls_key
+        else None,
+        upstream_tls=UpstreamTls(
+            args.upstream_ca, args.upstream_cert, args.upstream_key, args.upstream_sni
+        )
+        if args.upstream_ca
+        else None,
     )
 
 

@@ -283,3 +283,47 @@ def test_hash_key_command_reads_the_key_from_stdin(tmp_path: Path) -> None:
         check=True,
     ).stdout.split()
     assert len(generated) == 2 and generated[1] == hash_line(generated[0])
+
+
+def test_envoy_terminates_tls_and_speaks_tls_to_the_replicas(
+    pki: Pki, qwen3_embedding_folder: Path, tmp_path: Path
+) -> None:
+    """client --TLS--> Envoy --TLS--> replica (which accepts TLS only)."""
+    from test_envoy import free_port
+
+    from embedserve.envoy.process import EnvoyProcess, validate
+    from embedserve.envoy.render import (
+        CLUSTER,
+        DownstreamTls,
+        Endpoint,
+        EnvoyParams,
+        UpstreamTls,
+        write,
+    )
+
+    cert = pki.write("server.pem", pki.server.cert)
+    key = pki.write("server.key", pki.server.key)
+    ca = pki.write("ca.pem", pki.ca.cert)
+    with serving(model=qwen3_embedding_folder, warmup=False, tls_cert=cert, tls_key=key) as replica:
+        params = EnvoyParams(
+            replicas=(Endpoint("127.0.0.1", replica.port),),
+            port=free_port(),
+            admin_port=free_port(),
+            downstream_tls=DownstreamTls(str(cert), str(key)),
+            upstream_tls=UpstreamTls(str(ca), sni="localhost"),
+        )
+        config = write(params, tmp_path / "envoy-tls.yaml")
+        ok, output = validate(config)
+        assert ok, output
+        with open(tmp_path / "envoy.log", "w") as log:
+            envoy = EnvoyProcess(config, params.admin_port, stdout=log, stderr=log)
+            try:
+                envoy.wait_ready()
+                envoy.wait_healthy(CLUSTER, 1)  # its gRPC health checks speak TLS too
+                target = f"127.0.0.1:{params.port}"
+                with Client(target, root_certificates=pki.ca.cert, timeout=20) as client:
+                    assert client.embed(["through envoy, encrypted"]).vectors.shape == (1, 64)
+                with Client(target, timeout=3) as plaintext, pytest.raises(UnavailableError):
+                    plaintext.embed(["x"])
+            finally:
+                envoy.stop()
