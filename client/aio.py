@@ -409,7 +409,7 @@ class _Bulk:
                     raise _StreamEnded()
             except (grpc.aio.AioRpcError, _StreamEnded) as exc:
                 code = (
-                    exc.code()
+                    _stream_failure_code(exc)
                     if isinstance(exc, grpc.aio.AioRpcError)
                     else grpc.StatusCode.UNAVAILABLE
                 )
@@ -509,6 +509,16 @@ class _Bulk:
 
 
 _STREAM_RPC = "embedserve.v1.EmbedService/EmbedStream"
+
+
+def _stream_failure_code(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
+    """A stream reset in transit (a proxy's upstream died: RST_STREAM) is reported as
+    INTERNAL by grpc, but it is a broken connection, not the server's verdict: resuming
+    resends only unanswered items of a pure function, so it counts as UNAVAILABLE."""
+    code = exc.code()
+    if code is grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or ""):
+        return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 def _rpc_attributes(rpc: str) -> dict[str, str]:

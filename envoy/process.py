@@ -90,6 +90,11 @@ class HostStatus:
     def rq_total(self) -> int:
         return self.stats.get("rq_total", 0)
 
+    @property
+    def rq_active(self) -> int:
+        """Requests (streams included) in flight on this host now."""
+        return self.stats.get("rq_active", 0)
+
 
 def parse_clusters(payload: dict[str, Any], cluster: str) -> list[HostStatus]:
     """Hosts of one cluster from the admin's ``/clusters?format=json``."""

@@ -764,3 +764,43 @@ def test_cluster_command_cleans_up_when_a_replica_fails(tmp_path: Path) -> None:
         if str(tmp_path / "missing-model") in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []
+
+
+def test_kill_9_of_the_replica_serving_a_bulk_stream_through_envoy(
+    qwen3_embedding_folder: Path, tmp_path: Path
+) -> None:
+    """embed_bulk through Envoy; the replica carrying the stream is killed mid-way: the
+    client resumes on a new stream (Envoy routes it to the survivor), every item once."""
+    import numpy as np
+    from support.qwen3 import reference_qwen3_embed
+
+    from embedserve.client import Client, RetryPolicy
+
+    texts = [f"bulk through envoy {i}" for i in range(4000)]
+    with (
+        replicas_running(qwen3_embedding_folder, [None, None]) as replicas,
+        envoy_over([r.port for r in replicas], tmp_path) as proxy,
+    ):
+        policy = RetryPolicy(max_attempts=30, initial_backoff=0.05, max_backoff=0.5)
+        seen: list[int] = []
+        vectors: list[np.ndarray] = []
+        killed: str | None = None
+        with Client(proxy.target, retry=policy) as client:
+            for item in client.embed_bulk(texts, batch_size=16, max_in_flight=4):
+                assert item.vector is not None
+                seen.append(item.index)
+                vectors.append(item.vector)
+                if len(seen) == 800:
+                    # The stream is a single long request: it lives on the host with a request
+                    # in flight now. Kill that one.
+                    busy = [a for a, h in proxy.hosts().items() if h.rq_active > 0]
+                    assert len(busy) == 1, proxy.hosts()
+                    killed = busy[0]
+                    replicas[proxy.addresses.index(killed)].process.kill()
+        assert killed is not None
+        assert seen == list(range(len(texts)))  # every item exactly once, in order
+        np.testing.assert_allclose(
+            np.stack(vectors[::500]),
+            reference_qwen3_embed(qwen3_embedding_folder, texts[::500]),
+            atol=1e-5,
+        )
