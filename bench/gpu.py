@@ -1,0 +1,320 @@
+"""The benchmark suite for a GPU machine: Qwen3-Embedding shapes in float16.
+
+    python -m bench.gpu [--sizes 0.6B,4B] [--out bench/results/gpu-DATE] [--quick]
+
+No weights are downloaded: for each size a checkpoint with the real published shapes
+(Qwen3-Embedding-0.6B and -4B config.json: layers, widths, heads, vocabulary) and RANDOM
+weights is built offline, with a small byte-level BPE tokenizer trained on the spot like
+tests/support/qwen3.py does (it appends <|endoftext|>, as the real one). Random weights
+compute exactly as much as trained ones, so throughput is what the real model would get.
+
+For each size it measures, in one run:
+- the CEILING: the model alone (transformers Qwen3Model, float16, SDPA, last-token pooling and
+  normalization) on pre-tokenized, length-sorted batches of the same texts, at several
+  batch shapes within the server's token budget, tokens/s at the best one;
+- embedserve (its own ``embedserve serve --device cuda --dtype float16`` process): unary
+  closed loop at 64 and 256 callers and a bulk EmbedStream, tokens/s and the ratio to the
+  ceiling, p50/p99.
+
+Without a CUDA device it prints why and exits 0. Results: results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.loadgen import BulkSpec, LoadSpec, run_bulk, run_load
+
+# From the published config.json of each checkpoint (Qwen/Qwen3-Embedding-*).
+SHAPES: dict[str, dict[str, Any]] = {
+    "0.6B": {
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151669,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    },
+    "4B": {
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151665,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+    },
+    "8B": {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151665,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": False,
+    },
+}
+MAX_BATCH_TOKENS = 16384
+TEXT_TOKENS = (64, 256)  # approximate lengths of the benchmark texts
+
+
+def build_checkpoint(folder: Path, size: str) -> Path:
+    """Tokenizer (offline BPE, as tests/support/qwen3.py) + random float16 weights."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.support.qwen3 import ENDOFTEXT, build_qwen3_tokenizer
+
+    build_qwen3_tokenizer(folder, append_eos=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    eos = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    if not isinstance(eos, int):
+        raise TypeError(f"unexpected id for {ENDOFTEXT}: {eos!r}")
+    config = Qwen3Config(
+        **SHAPES[size],
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        dtype="float16",
+        pad_token_id=eos,
+        eos_token_id=eos,
+        bos_token_id=None,
+        architectures=["Qwen3ForCausalLM"],
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config).half()  # type: ignore[no-untyped-call]
+    model.save_pretrained(str(folder), safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def make_texts(folder: Path, tokens: int, count: int, seed: int = 0) -> list[str]:
+    """Texts of about ``tokens`` tokens under the checkpoint's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    from tests.support.qwen3 import _CORPUS
+
+    words = _CORPUS.split()
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        text = " ".join(rng.choice(words) for _ in range(tokens))
+        ids = tok.encode(text, add_special_tokens=False)
+        target = max(1, rng.randint(tokens // 2, tokens) - 1)
+        end = ids.offsets[min(target, len(ids.offsets)) - 1][1]
+        out.append(text[:end])
+    return out
+
+
+def ceiling(folder: Path, texts: list[str], seconds: float) -> dict[str, Any]:
+    """The model alone: best tokens/s over batch shapes within the token budget."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(
+        str(folder), dtype=torch.float16, attn_implementation="sdpa", local_files_only=True
+    ).to("cuda")
+    model.eval()
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    seqs = sorted((e.ids for e in tok.encode_batch(texts)), key=len)
+    pad = tok.token_to_id("<|endoftext|>") or 0
+    results = []
+    longest = max(len(s) for s in seqs)
+    for batch_size in (8, 32, 64, 128, 256):
+        if batch_size * longest > MAX_BATCH_TOKENS * 2:
+            continue
+        batches = []
+        for i in range(0, len(seqs) - batch_size + 1, batch_size):
+            chunk = seqs[i : i + batch_size]
+            width = -(-max(len(s) for s in chunk) // 8) * 8
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, s in enumerate(chunk):
+                ids[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = 1
+            batches.append((ids.cuda(), mask.cuda(), sum(len(s) for s in chunk)))
+        if not batches:
+            continue
+
+        def step(ids: torch.Tensor, mask: torch.Tensor, model: Any = model) -> Any:
+            with torch.inference_mode():
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                last = mask.sum(1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+                return F.normalize(pooled.float(), dim=1).cpu()
+
+        step(*batches[0][:2])
+        torch.cuda.synchronize()
+        done = n = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds or n < 3:
+            ids, mask, tokens = batches[n % len(batches)]
+            step(ids, mask)
+            done += tokens
+            n += 1
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        results.append({"batch_size": batch_size, "tokens_per_s": done / elapsed, "batches": n})
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    best = max(results, key=lambda r: r["tokens_per_s"])
+    return {"sweep": results, "best": best}
+
+
+def run_size(size: str, out: Path, quick: bool) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"qwen3-{size}-"))
+    folder = build_checkpoint(work / "model", size)
+    result: dict[str, Any] = {"size": size, "shape": SHAPES[size]}
+    duration = 5.0 if quick else 15.0
+    for tokens in TEXT_TOKENS:
+        texts = make_texts(folder, tokens, 2000)
+        texts_file = work / f"texts-{tokens}.json"
+        texts_file.write_text(json.dumps(texts))
+        entry: dict[str, Any] = {"ceiling": ceiling(folder, texts, duration / 2)}
+        server = procs.wait_serving_log(
+            procs.start_embedserve(
+                f"embedserve-{size}-{tokens}",
+                out / "logs",
+                1,
+                [
+                    "--model",
+                    str(folder),
+                    "--device",
+                    "cuda",
+                    "--dtype",
+                    "float16",
+                    "--max-batch-tokens",
+                    str(MAX_BATCH_TOKENS),
+                    "--max-batch-size",
+                    "256",
+                    "--max-queue-tokens",
+                    str(MAX_BATCH_TOKENS * 16),
+                    "--stream-window",
+                    "64",
+                ],
+            ),
+            timeout=900,
+        )
+        try:
+            for callers in (64, 256):
+                spec = LoadSpec(
+                    target=server.address,
+                    concurrency=callers,
+                    duration=duration,
+                    warmup=3.0,
+                    texts_file=str(texts_file),
+                )
+                entry[f"unary_c{callers}"] = run_load(spec, procs=2)
+                entry[f"unary_c{callers}"].pop("raw_ok_s", None)
+            entry["bulk"] = asyncio.run(
+                run_bulk(
+                    BulkSpec(
+                        target=server.address,
+                        count=5000 if quick else 50_000,
+                        batch_size=64,
+                        window=64,
+                        texts_file=str(texts_file),
+                    )
+                )
+            )
+            entry["bulk"].pop("timeline", None)
+        finally:
+            server.stop(60)
+        best = entry["ceiling"]["best"]["tokens_per_s"]
+        for key in ("unary_c64", "unary_c256", "bulk"):
+            entry[f"{key}_vs_ceiling"] = entry[key]["tokens_per_s"] / best
+        result[f"texts_{tokens}"] = entry
+    return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# embedserve on GPU (random weights, real Qwen3-Embedding shapes, float16)",
+        "",
+        f"{results['device']}, torch {results['torch']}, {results['date']}",
+        "",
+        "| size | text tokens | ceiling tok/s (batch) | unary c=64 tok/s | c=256 tok/s | "
+        "bulk tok/s | c=64 p50/p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results["sizes"]:
+        for tokens in TEXT_TOKENS:
+            e = r.get(f"texts_{tokens}")
+            if not e:
+                continue
+            c = e["ceiling"]["best"]
+            u64, u256, bulk = e["unary_c64"], e["unary_c256"], e["bulk"]
+            lines.append(
+                f"| {r['size']} | ~{tokens} | {c['tokens_per_s']:,.0f} ({c['batch_size']}) | "
+                f"{u64['tokens_per_s']:,.0f} ({e['unary_c64_vs_ceiling']:.0%}) | "
+                f"{u256['tokens_per_s']:,.0f} ({e['unary_c256_vs_ceiling']:.0%}) | "
+                f"{bulk['tokens_per_s']:,.0f} ({e['bulk_vs_ceiling']:.0%}) | "
+                f"{u64['latency_ms']['p50']:.0f}/{u64['latency_ms']['p99']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__)
+    parser.add_argument("--sizes", default="0.6B,4B", help=f"any of {', '.join(SHAPES)}")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("bench.gpu: torch is not installed; nothing to measure.", file=sys.stderr)
+        return 0
+    if not torch.cuda.is_available():
+        print(
+            "bench.gpu: no CUDA device here (torch.cuda.is_available() is False); "
+            "run it on a GPU machine. Nothing was measured.",
+            file=sys.stderr,
+        )
+        return 0
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; choose from {', '.join(SHAPES)}")
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    out: Path = args.out or procs.ROOT / "bench" / "results" / f"gpu-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sizes": [],
+    }
+    for size in sizes:
+        print(f"bench.gpu: {size} ...", file=sys.stderr, flush=True)
+        results["sizes"].append(run_size(size, out, args.quick))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
