@@ -114,7 +114,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "Port to listen on; 0 picks a free one (logged at start).", _non_negative_int),
     Option("device", "auto, cpu, cuda or cuda:N. auto takes the GPU when there is one."),
     Option("dtype", "Weights precision.", choices=("auto", "float32", "float16", "bfloat16")),
-    Option("threads", "Torch intra-op threads on the CPU; 0 uses every core.", _non_negative_int),
+    Option(
+        "threads",
+        "Torch intra-op threads on the CPU; 0 uses every CPU this process may use (affinity, "
+        "capped by a cgroup CPU quota).",
+        _non_negative_int,
+    ),
     Option(
         "max_batch_tokens", "Token budget of one forward pass, padding included.", _positive_int
     ),

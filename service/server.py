@@ -19,6 +19,7 @@ from embedserve.service.api.embed import ApiSettings, EmbedServicer
 from embedserve.service.api.info import InfoServicer, describe
 from embedserve.service.api.rerank import RerankServicer
 from embedserve.service.config import ServerConfig
+from embedserve.service.cpus import available_cpus
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.inference import EmbeddingModel, ModelReranker, SimilarityReranker
@@ -67,8 +68,9 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(config.device, config.dtype)
     if device.device.type == "cpu":
-        threads = config.threads or len(os.sched_getaffinity(0))
+        threads = config.threads or available_cpus()
         torch.set_num_threads(threads)
+        log.info("torch threads", extra={"threads": threads, "available_cpus": available_cpus()})
     limits = BatchLimits(
         max_batch_tokens=config.max_batch_tokens,
         max_batch_size=config.max_batch_size,
