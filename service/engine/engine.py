@@ -212,7 +212,8 @@ class Engine:
     def _expire(self, request: WorkRequest) -> None:
         self._drop(request, Outcome.EXPIRED)
 
-    def _drop(self, request: WorkRequest, outcome: Outcome) -> None:
+    def _drop(self, request: WorkRequest, outcome: Outcome, error: Exception | None = None) -> None:
+        """End a live request without its result: expired, cancelled, or failed with ``error``."""
         if not request.live:
             return
         request.outcome = outcome
@@ -220,10 +221,11 @@ class Engine:
         never_computed = self._scheduler.forget(request)
         if outcome is Outcome.EXPIRED:
             self.stats.sequences_expired += never_computed
-            if not request.future.done():
-                request.future.set_exception(DeadlineExpired("deadline expired while queued"))
-        else:
+            error = DeadlineExpired("deadline expired while queued")
+        elif outcome is Outcome.CANCELLED:
             self.stats.sequences_cancelled += never_computed
+        if error is not None and not request.future.done():
+            request.future.set_exception(error)
         self._bulk_space.set()
 
     def _warmup_batch(self) -> list[list[int]]:
@@ -265,12 +267,7 @@ class Engine:
             )
             error = ForwardFailed(f"the forward pass failed: {type(exc).__name__}")
             for seq in batch:
-                request = seq.request
-                if request.live:
-                    request.outcome = Outcome.FAILED
-                    self._scheduler.forget(request)
-                    if not request.future.done():
-                        request.future.set_exception(error)
+                self._drop(seq.request, Outcome.FAILED, error)
             return
         elapsed = loop.time() - started
         self.telemetry.batch_finished(span, batch, padded, elapsed)

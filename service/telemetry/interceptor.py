@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from embedserve.service.telemetry.metrics import ServerMetrics
 
 _TRACED_PREFIX = "/embedserve."
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -153,5 +154,5 @@ def _code_of(context: Any) -> grpc.StatusCode:
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):
-        return {c.value[0]: c for c in grpc.StatusCode}.get(code, grpc.StatusCode.UNKNOWN)
+        return _CODES_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
     return grpc.StatusCode.CANCELLED
