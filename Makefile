@@ -31,7 +31,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 run: venv
 	$(BIN)/embedserve serve --host $(HOST) --port $(PORT)
 
-test: test-deps lint typecheck check-protos buf-lint go-check
+test: test-deps redis-deps lint typecheck check-protos buf-lint go-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: test-deps
@@ -81,6 +81,22 @@ buf-lint: $(BUF)
 
 clean:
 	rm -rf $(VENV) .tools build .mypy_cache .ruff_cache .pytest_cache
+
+# --- Redis (the embedding cache's shared tier) -------------------------------------------------
+# tests/test_cache.py starts its own redis-server on a free port of 127.0.0.1 (under CI, CI=true,
+# they fail rather than skip without one). `make redis-deps` installs the Debian package when
+# redis-server is missing; quiet no-op when it is there. The package's own service is not used.
+REDIS_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: redis-deps
+redis-deps:
+	@if command -v redis-server >/dev/null; then :; \
+	else \
+	  echo "installing redis-server"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(REDIS_SUDO) apt-get install -y -q --no-install-recommends redis-server \
+	  || { $(REDIS_SUDO) apt-get update -q && $(REDIS_SUDO) apt-get install -y -q --no-install-recommends redis-server; }; \
+	fi
 
 # --- Go client (client/go/) ----------------------------------------------------------------
 # Everything comes from Debian packages (Go 1.19, grpc-go 1.33, genproto 2020-04) and builds in

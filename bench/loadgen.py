@@ -60,7 +60,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 class LoadSpec:
     """One measurement. ``workload``: short (one short sentence a request, cycling over 2000
     of them), fixed (the same short text), mixed (one text of 16-512 tokens), rerank (1 query
-    x ``inputs`` documents), many (``inputs`` short sentences a request)."""
+    x ``inputs`` documents), many (``inputs`` short sentences a request), repeats (``inputs``
+    short sentences a request, each one with probability ``repeat_share`` a repeat of a text
+    sent earlier in the run, otherwise one never sent before)."""
 
     target: str
     mode: str = "closed"  # closed | open
@@ -80,6 +82,7 @@ class LoadSpec:
     seed: int = 0
     keep_raw: bool = False
     texts_file: str = ""  # a JSON list of texts to use instead of the built-in short ones
+    repeat_share: float = 0.5  # workload "repeats"
 
     def split(self, parts: int) -> list[LoadSpec]:
         """This load shared by ``parts`` processes (callers, rate and seeds divided)."""
@@ -107,15 +110,19 @@ class _Recorder:
     errors: dict[str, list[float]] = field(default_factory=dict)
     inputs: int = 0
     tokens: int = 0
+    cached: int = 0  # inputs the server answered from its embedding cache
     completed_in_window: int = 0
     sent: int = 0
 
-    def record(self, arrival: float, finished: float, code: str, inputs: int, tokens: int) -> None:
+    def record(
+        self, arrival: float, finished: float, code: str, inputs: int, tokens: int, cached: int = 0
+    ) -> None:
         in_window_done = self.window_start <= finished <= self.window_end
         if code == "OK" and in_window_done:
             self.completed_in_window += 1
             self.inputs += inputs
             self.tokens += tokens
+            self.cached += cached
         moment = arrival if self.by_arrival else finished
         if not self.window_start <= moment <= self.window_end:
             return
@@ -126,7 +133,8 @@ class _Recorder:
             self.errors.setdefault(code, []).append(latency)
 
 
-Call = Callable[[int], Awaitable[tuple[str, int, int]]]
+# -> (code, inputs, tokens, inputs answered from the server's cache)
+Call = Callable[[int], Awaitable[tuple[str, int, int, int]]]
 
 
 # -- request factories ----------------------------------------------------------------------
@@ -140,6 +148,8 @@ def _payloads(spec: LoadSpec) -> list[Any]:
         return [rerank_service_pb2.RerankRequest(query=query, documents=docs)]
     if spec.workload == "fixed":
         groups = [[corpus.SHORT_TEXT] * spec.inputs]
+    elif spec.workload == "repeats":
+        groups = _repeats(spec, rng)
     elif spec.workload == "mixed":
         pool = corpus.mixed_lengths(400)
         rng.shuffle(pool)
@@ -164,6 +174,23 @@ def _payloads(spec: LoadSpec) -> list[Any]:
     return [embed_service_pb2.EmbedRequest(inputs=g, encoding=encoding) for g in groups]
 
 
+def _repeats(spec: LoadSpec, rng: random.Random, requests: int = 40_000) -> list[list[str]]:
+    """Requests in the order they are sent: each text repeats one sent before it (chosen
+    uniformly) with probability ``repeat_share``, otherwise it is new. Texts come from a
+    seed of their own, so another seed (another round) starts from new texts."""
+    count = requests * spec.inputs
+    fresh = corpus.short_sentences(count, seed=10_000 + spec.seed)
+    sent: list[str] = []
+    texts: list[str] = []
+    for _ in range(count):
+        if sent and rng.random() < spec.repeat_share:
+            texts.append(sent[rng.randrange(len(sent))])
+        else:
+            sent.append(fresh[len(sent)])
+            texts.append(sent[-1])
+    return [texts[i : i + spec.inputs] for i in range(0, count, spec.inputs)]
+
+
 def _load_texts(path: str) -> list[str]:
     with open(path) as f:
         texts: list[str] = json.load(f)
@@ -180,13 +207,13 @@ def _grpc_calls(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Call]:
         else:
             method = embed_service_pb2_grpc.EmbedServiceStub(channel).Embed
 
-        async def call(n: int, method: Any = method) -> tuple[str, int, int]:
+        async def call(n: int, method: Any = method) -> tuple[str, int, int, int]:
             try:
                 response = await method(payloads[n % len(payloads)], timeout=spec.deadline)
             except grpc.aio.AioRpcError as exc:
-                return exc.code().name, 0, 0
+                return exc.code().name, 0, 0, 0
             usage = response.usage
-            return "OK", usage.inputs, usage.input_tokens
+            return "OK", usage.inputs, usage.input_tokens, usage.cached_inputs
 
         calls.append(call)
     return calls
@@ -244,16 +271,16 @@ def _http_calls(spec: LoadSpec, count: int) -> tuple[list[Call], list[_HttpConne
     calls: list[Call] = []
     for conn in connections:
 
-        async def call(n: int, conn: _HttpConnection = conn) -> tuple[str, int, int]:
+        async def call(n: int, conn: _HttpConnection = conn) -> tuple[str, int, int, int]:
             body, tokens = payloads[n % len(payloads)]
             try:
                 status, data = await conn.post("/embeddings", body)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 conn._writer = None
-                return "CONNECTION_ERROR", 0, 0
+                return "CONNECTION_ERROR", 0, 0, 0
             if status != 200:
-                return f"HTTP_{status}", 0, 0
-            return "OK", len(json.loads(data)["data"]), tokens
+                return f"HTTP_{status}", 0, 0, 0
+            return "OK", len(json.loads(data)["data"]), tokens, 0
 
         calls.append(call)
     return calls, connections
@@ -272,9 +299,9 @@ async def _closed(spec: LoadSpec, calls: list[Call], rec: _Recorder, end: float)
             started = loop.time()
             if started >= end:
                 return
-            code, inputs, tokens = await call(n)
+            code, inputs, tokens, cached = await call(n)
             rec.sent += 1
-            rec.record(started, loop.time(), code, inputs, tokens)
+            rec.record(started, loop.time(), code, inputs, tokens, cached)
             n += spec.concurrency
 
     await asyncio.gather(*(caller(i) for i in range(spec.concurrency)))
@@ -287,8 +314,8 @@ async def _open(spec: LoadSpec, calls: list[Call], rec: _Recorder, end: float) -
     overflow = 0
 
     async def one(n: int, arrival: float) -> None:
-        code, inputs, tokens = await calls[n % len(calls)](n)
-        rec.record(arrival, loop.time(), code, inputs, tokens)
+        code, inputs, tokens, cached = await calls[n % len(calls)](n)
+        rec.record(arrival, loop.time(), code, inputs, tokens, cached)
 
     arrival = loop.time()
     n = 0
@@ -362,6 +389,7 @@ async def run_spec(spec: LoadSpec, start_at: float | None = None) -> dict[str, A
         "errors": rec.errors,
         "inputs": rec.inputs,
         "tokens": rec.tokens,
+        "cached": rec.cached,
         "completed_in_window": rec.completed_in_window,
         "sent": rec.sent,
         "client_cpu_s": time.process_time() - cpu_started,
@@ -378,6 +406,7 @@ def finish(spec: LoadSpec, parts: list[dict[str, Any]]) -> dict[str, Any]:
     completed = sum(p["completed_in_window"] for p in parts)
     inputs = sum(p["inputs"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
+    cached = sum(p.get("cached", 0) for p in parts)
     measured = len(ok) + sum(len(v) for v in errors.values())
     result: dict[str, Any] = {
         "mode": spec.mode,
@@ -391,6 +420,8 @@ def finish(spec: LoadSpec, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "rps": completed / spec.duration,
         "inputs_per_s": inputs / spec.duration,
         "tokens_per_s": tokens / spec.duration,
+        # Share of the measured inputs the server answered from its embedding cache.
+        "cache_hit_ratio": cached / inputs if inputs else 0.0,
         "latency_ms": summary_ms(ok),
         "errors": {code: len(v) for code, v in sorted(errors.items())},
         "error_latency_ms": {code: summary_ms(v) for code, v in sorted(errors.items())},
@@ -562,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--warmup", type=float, default=2.0)
     quick.add_argument("--workload", default="short")
     quick.add_argument("--inputs", type=int, default=1)
+    quick.add_argument("--repeat-share", type=float, default=0.5, help="workload repeats")
     quick.add_argument("--encoding", choices=tuple(ENCODINGS), default="bytes")
     quick.add_argument("--deadline", type=float)
     quick.add_argument("--procs", type=int, default=1)
@@ -584,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         workload=args.workload,
         inputs=args.inputs,
+        repeat_share=args.repeat_share,
         encoding=args.encoding,
         deadline=args.deadline,
         protocol=args.protocol,

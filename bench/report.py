@@ -107,10 +107,10 @@ def headline(results: Json) -> Json:
         h["interactive_idle_p99_ms"] = inter["idle"]["latency_ms"]["p99"]
         h["interactive_bulk_p99_ms"] = inter["during_bulk"]["latency_ms"]["p99"]
     over = s.get("overload", {})
-    for name in ("embedserve", "queue-bounded"):
+    for name in ("embedserve", "token-bound-only", "forward-nice"):
         if name in over:
             o = over[name]
-            key = "overload" if name == "embedserve" else "overload_bounded"
+            key = "overload" if name == "embedserve" else "overload_" + name.replace("-", "_")
             h[f"{key}_capacity_p99_ms"] = o["at_capacity"]["latency_ms"]["p99"]
             h[f"{key}_admitted_p99_ms"] = o["overload_4x"]["latency_ms"]["p99"]
             h[f"{key}_goodput_rps"] = o["overload_4x"]["rps"]
@@ -120,6 +120,17 @@ def headline(results: Json) -> Json:
             h[f"{key}_measured"] = o["overload_4x"]["measured"]
             h[f"{key}_reject_p50_ms"] = rej["p50"] if rej else None
             h[f"{key}_reject_p99_ms"] = rej["p99"] if rej else None
+    cache = s.get("cache_repeats", {})
+    on, off = _rounds(cache, "cache_on"), _rounds(cache, "cache_off")
+    if on and off:
+        for label, runs in (("on", on), ("off", off)):
+            h[f"cache_{label}_rps"] = median([r["rps"] for r in runs])
+            h[f"cache_{label}_p50_ms"] = median([r["latency_ms"]["p50"] for r in runs])
+            h[f"cache_{label}_p99_ms"] = median([r["latency_ms"]["p99"] for r in runs])
+        h["cache_hit_ratio"] = median([r["cache_hit_ratio"] for r in on])
+        h["cache_speedup"] = median(
+            [ratio(a["rps"], b["rps"]) for a, b in zip(on, off, strict=False)]
+        )
     return h
 
 
@@ -209,8 +220,9 @@ def targets(h: Json) -> list[Json]:
             h["interactive_bulk_p99_ms"] <= limit,
         )
     for key, label in (
-        ("overload", "default --max-queue-tokens"),
-        ("overload_bounded", "bounded queue"),
+        ("overload", "default admission"),
+        ("overload_token_bound_only", "token bound only (the first run's admission)"),
+        ("overload_forward_nice", "--forward-nice 0 (torch at the event loop's priority)"),
     ):
         if f"{key}_admitted_p99_ms" not in h:
             continue
@@ -398,7 +410,7 @@ def markdown(results: Json) -> str:
     over = s.get("overload")
     if over:
         out += ["", "## Overload at 4x capacity (open loop, Poisson)", "", LAT_HEADER]
-        for name in ("embedserve", "queue-bounded"):
+        for name in ("embedserve", "token-bound-only", "forward-nice"):
             if name in over:
                 o = over[name]
                 out.append(_lat_row(f"{name}: at capacity (c=64)", o["at_capacity"]))
@@ -424,6 +436,34 @@ def markdown(results: Json) -> str:
                 out.append("")
                 out.append(f"{variant}: {rel:.1%} of the throughput with no OTEL variables.")
 
+    cache = s.get("cache_repeats")
+    if cache:
+        out += [
+            "",
+            f"## Embedding cache, {cache['repeat_share']:.0%} of requests repeat an earlier text "
+            f"(32 callers, --cache-bytes {cache['cache_bytes']} vs off, interleaved)",
+            "",
+            LAT_HEADER,
+        ]
+        for i, row in enumerate(cache["rounds"]):
+            for name, r in row.items():
+                out.append(_lat_row(f"round {i}: {name}", r, f" (hits {r['cache_hit_ratio']:.0%})"))
+        on, off = _rounds(cache, "cache_on"), _rounds(cache, "cache_off")
+        if on and off:
+            rel = median([ratio(a["rps"], b["rps"]) for a, b in zip(on, off, strict=False)])
+            p99 = median(
+                [
+                    ratio(a["latency_ms"]["p99"], b["latency_ms"]["p99"])
+                    for a, b in zip(on, off, strict=False)
+                ]
+            )
+            hits = median([r["cache_hit_ratio"] for r in on])
+            out.append("")
+            out.append(
+                f"With the cache: {rel:.2f}x the throughput and {p99:.2f}x the p99 latency of "
+                f"the same server without it, at a {hits:.0%} hit ratio."
+            )
+
     levers = s.get("levers")
     if levers:
         out += [
@@ -436,7 +476,7 @@ def markdown(results: Json) -> str:
             for name, r in row.items():
                 out.append(_lat_row(f"round {i}: {name}", r))
         base = _rounds(levers, "bytes")
-        for variant in ("float32", "threads_fewer", "omp_passive"):
+        for variant in ("float32", "threads_fewer", "omp_passive", "batch_32", "forward_nice"):
             runs = _rounds(levers, variant)
             if runs and base:
                 rel = median([ratio(a["rps"], b["rps"]) for a, b in zip(runs, base, strict=False)])
@@ -559,7 +599,11 @@ def plots(results: Json, out: Path) -> list[Path]:
     if inter:
         bars += [("interactive idle", inter["idle"]), ("interactive +bulk", inter["during_bulk"])]
     over = s.get("overload", {})
-    for name, label in (("embedserve", "overload 4x"), ("queue-bounded", "overload 4x bounded")):
+    for name, label in (
+        ("embedserve", "overload 4x"),
+        ("token-bound-only", "overload 4x token bound only"),
+        ("forward-nice", "overload 4x --forward-nice 0"),
+    ):
         if name in over:
             bars.append((label, over[name]["overload_4x"]))
     if s.get("rerank"):

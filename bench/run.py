@@ -34,6 +34,9 @@ from bench import profile as profiling
 from bench import texts as corpus
 from bench.loadgen import BulkSpec, LoadSpec, bulk_result, run_load, start_bulk
 
+# The forward thread's nice value in the A/B runs (overload and levers); the default is 5.
+FORWARD_NICE = 0
+
 ALL_SCENARIOS = (
     "ceiling",
     "unary",
@@ -47,7 +50,10 @@ ALL_SCENARIOS = (
     "telemetry",
     "levers",
     "profile",
+    "cache_repeats",
 )
+# The cache_repeats server's --cache-bytes: far more than the run's texts need (no evictions).
+CACHE_BYTES = "256MiB"
 # The largest forward pass the default limits allow on this model: the server's own warm-up
 # batch (count x longest input = --max-batch-tokens 8192 with 256-token inputs).
 MAX_FORWARD_SHAPE = (32, 256)
@@ -164,7 +170,7 @@ class Suite:
         wanted: dict[str, Callable[[], procs.Service]] = {}
         if self.wants("unary", "peers", "interactive", "rerank", "mixed", "overload"):
             wanted["embedserve"] = lambda: procs.start_embedserve("embedserve", log_dir, threads)
-        if self.wants("telemetry", "levers", "profile"):
+        if self.wants("telemetry", "levers", "profile", "cache_repeats"):
             wanted.setdefault(
                 "embedserve", lambda: procs.start_embedserve("embedserve", log_dir, threads)
             )
@@ -178,18 +184,18 @@ class Suite:
         if self.wants("bulk"):
             wanted["bulk-20k"] = lambda: procs.start_embedserve("bulk-20k", log_dir, threads)
         if self.wants("overload"):
-            wanted["queue-bounded"] = lambda: procs.start_embedserve(
-                "queue-bounded",
+            # The admission of the first reference run, for an A/B in the same run: the
+            # token bound only, no expected-wait admission, no concurrent-call limit.
+            wanted["token-bound-only"] = lambda: procs.start_embedserve(
+                "token-bound-only",
                 log_dir,
                 threads,
-                # The server insists that the queue holds one full batch, so the batch
-                # budget comes down with it.
-                [
-                    "--max-queue-tokens",
-                    str(self.args.bounded_queue_tokens),
-                    "--max-batch-tokens",
-                    str(self.args.bounded_queue_tokens),
-                ],
+                ["--max-queue-delay-ms", "0", "--max-concurrent-rpcs", "0"],
+            )
+
+        if self.wants("overload", "levers"):
+            wanted["forward-nice"] = lambda: procs.start_embedserve(
+                "forward-nice", log_dir, threads, ["--forward-nice", str(FORWARD_NICE)]
             )
         if self.wants("levers"):
             fewer = max(1, threads - 1)
@@ -198,6 +204,13 @@ class Suite:
             )
             wanted["omp-passive"] = lambda: procs.start_embedserve(
                 "omp-passive", log_dir, threads, env={"OMP_WAIT_POLICY": "PASSIVE"}
+            )
+            wanted["batch-32"] = lambda: procs.start_embedserve(
+                "batch-32", log_dir, threads, ["--max-batch-size", "32"]
+            )
+        if self.wants("cache_repeats"):
+            wanted["cache-on"] = lambda: procs.start_embedserve(
+                "cache-on", log_dir, threads, ["--cache-bytes", CACHE_BYTES]
             )
         if self.wants("telemetry"):
             wanted["otlp-sink"] = lambda: procs.start_sink(log_dir)
@@ -521,7 +534,7 @@ class Suite:
 
     def run_overload(self) -> None:
         scen: dict[str, Any] = {}
-        for name in ("embedserve", "queue-bounded"):
+        for name in ("embedserve", "token-bound-only", "forward-nice"):
             server = self.services.get(name)
             if server is None:
                 continue
@@ -545,7 +558,6 @@ class Suite:
             )
             scen[name] = {"at_capacity": at_capacity, "overload_4x": over, "rate": rate}
             self._wait_quiet(server)
-        scen["bounded_queue_tokens"] = self.args.bounded_queue_tokens
         self.results["scenarios"]["overload"] = scen
 
     def _wait_quiet(self, server: procs.Service, limit: float = 120.0) -> None:
@@ -558,6 +570,24 @@ class Suite:
             if probe["ok"] and probe["latency_ms"]["p50"] < 200:
                 return
             time.sleep(1.0)
+
+    def run_cache_repeats(self) -> None:
+        """Half the requests repeat a text sent before: the same load against a server
+        with the in-process cache and one without, in interleaved rounds. Each round starts
+        from new texts (its own seed), so the cache-on server never starts warm."""
+        off = self.services["embedserve"]
+        on = self.services["cache-on"]
+        scen: dict[str, Any] = {"repeat_share": 0.5, "cache_bytes": CACHE_BYTES, "rounds": []}
+        for r in range(self.rounds):
+            row = {}
+            for label, server in (("cache_off", off), ("cache_on", on)):
+                spec = self.spec(
+                    server.address, concurrency=32, workload="repeats", repeat_share=0.5, seed=r
+                )
+                row[label] = self.load(f"round {r} 50% repeats, {label} c=32", spec, server)
+                self.log(f"  hit ratio {row[label]['cache_hit_ratio']:.1%}")
+            scen["rounds"].append(row)
+        self.results["scenarios"]["cache_repeats"] = scen
 
     def run_telemetry(self) -> None:
         variants = [
@@ -584,7 +614,9 @@ class Suite:
         es = self.services["embedserve"]
         fewer = self.services.get("threads-fewer")
         passive = self.services.get("omp-passive")
+        batch32 = self.services.get("batch-32")
         scen: dict[str, Any] = {"rounds": [], "fewer_threads": max(1, self.threads - 1)}
+        nice = self.services.get("forward-nice")
         for r in range(max(2, self.rounds - 1)):
             row = {
                 "bytes": self.load(
@@ -607,6 +639,18 @@ class Suite:
                     f"round {r} OMP_WAIT_POLICY=PASSIVE c=64",
                     self.spec(passive.address, concurrency=64),
                     passive,
+                )
+            if nice is not None:
+                row["forward_nice"] = self.load(
+                    f"round {r} --forward-nice {FORWARD_NICE} c=64",
+                    self.spec(nice.address, concurrency=64),
+                    nice,
+                )
+            if batch32 is not None:
+                row["batch_32"] = self.load(
+                    f"round {r} --max-batch-size 32 c=64",
+                    self.spec(batch32.address, concurrency=64),
+                    batch32,
                 )
             scen["rounds"].append(row)
         self.results["scenarios"]["levers"] = scen
@@ -685,6 +729,7 @@ class Suite:
                 ("profile", self.run_profile),
                 ("levers", self.run_levers),
                 ("telemetry", self.run_telemetry),
+                ("cache_repeats", self.run_cache_repeats),
                 ("rerank", self.run_rerank),
                 ("mixed", self.run_mixed),
                 ("interactive", self.run_interactive),
@@ -837,12 +882,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder [bench/results/DATE]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, help="interleaved rounds [3; 1 with --quick]")
-    parser.add_argument(
-        "--bounded-queue-tokens",
-        type=int,
-        default=2048,
-        help="--max-queue-tokens (and --max-batch-tokens) of the second overload server [2048]",
-    )
     parser.add_argument(
         "--wait-quiet",
         type=float,

@@ -14,10 +14,12 @@ class Usage:
     input_tokens: int
     inputs: int
     truncated_inputs: int
+    # Inputs the server answered from its embedding cache (0 when it has none).
+    cached_inputs: int = 0
 
     @classmethod
     def from_proto(cls, usage: common_pb2.Usage) -> Usage:
-        return cls(usage.input_tokens, usage.inputs, usage.truncated_inputs)
+        return cls(usage.input_tokens, usage.inputs, usage.truncated_inputs, usage.cached_inputs)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ extra), with the config that compose and Kubernetes use (envoy/render.py), STATI
 instead of DNS. SIGTERM/SIGINT drain the replicas first (health NOT_SERVING, Envoy moves away,
 accepted calls finish), then stop Envoy. No child outlives the command: children also get
 SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG).
+
+TLS: ``--tls-cert/--tls-key`` make Envoy's listener speak TLS (``--tls-client-ca``: mutual).
+``--upstream-ca`` also starts the replicas with TLS, serving that same certificate, which Envoy
+and the readiness probe here verify against the CA; ``--upstream-cert/--upstream-key`` are the
+client certificate Envoy (and the probe) present, and make the replicas require one signed by
+``--upstream-ca``. The flags mean what they mean to ``python -m embedserve.envoy.render``.
 """
 
 from __future__ import annotations
@@ -30,13 +36,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedserve.envoy.process import EnvoyNotInstalled, EnvoyProcess, envoy_binary
-from embedserve.envoy.render import CLUSTER, Endpoint, EnvoyParams, write
+from embedserve.envoy.render import (
+    CLUSTER,
+    DownstreamTls,
+    Endpoint,
+    EnvoyParams,
+    UpstreamTls,
+    write,
+)
 
 log = logging.getLogger("embedserve.cluster")
 
 PR_SET_PDEATHSIG = 1
 # Loopback ports the replicas listen on are picked here; the listener and admin are the user's.
 HOST = "127.0.0.1"
+# The cluster decides the replicas' TLS itself: these are never inherited from its environment.
+REPLICA_TLS_ENV = ("EMBEDSERVE_TLS_CERT", "EMBEDSERVE_TLS_KEY", "EMBEDSERVE_TLS_CLIENT_CA")
 
 
 def register(commands: Any) -> None:
@@ -86,7 +101,153 @@ def register(commands: Any) -> None:
         default=300.0,
         help="how long the replicas may take to report SERVING [300]",
     )
+    tls = parser.add_argument_group(
+        "TLS",
+        "Client to Envoy: --tls-cert/--tls-key (--tls-client-ca: mutual). Envoy to the "
+        "replicas: --upstream-ca starts the replicas with TLS, serving --tls-cert/--tls-key, "
+        "which must be signed by that CA and name 127.0.0.1 (the address the replicas are "
+        "dialled at); --upstream-cert/--upstream-key make them require a client certificate "
+        "signed by --upstream-ca, which Envoy presents.",
+    )
+    tls.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the listener")
+    tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle: the listener requires client certificates it signed (mutual TLS)",
+    )
+    tls.add_argument(
+        "--upstream-ca",
+        type=Path,
+        help="PEM CA bundle: TLS from Envoy to the replicas (which serve --tls-cert), verified "
+        "against it",
+    )
+    tls.add_argument(
+        "--upstream-cert",
+        type=Path,
+        help="PEM client certificate Envoy presents to the replicas; they then require one "
+        "signed by --upstream-ca (mutual TLS)",
+    )
+    tls.add_argument("--upstream-key", type=Path, help="PEM private key of --upstream-cert")
     parser.set_defaults(handler=run)
+
+
+class TlsFlagsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ClusterTls:
+    """The checked TLS flags. All None: plaintext everywhere."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    upstream_ca: Path | None = None
+    upstream_cert: Path | None = None
+    upstream_key: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClusterTls:
+        """Refuses incoherent combinations and unreadable files, before anything starts."""
+        tls = cls(
+            args.tls_cert,
+            args.tls_key,
+            args.tls_client_ca,
+            args.upstream_ca,
+            args.upstream_cert,
+            args.upstream_key,
+        )
+        if (tls.cert is None) != (tls.key is None):
+            raise TlsFlagsError("--tls-cert and --tls-key go together")
+        if tls.client_ca is not None and tls.cert is None:
+            raise TlsFlagsError("--tls-client-ca needs --tls-cert and --tls-key")
+        if tls.upstream_ca is not None and tls.cert is None:
+            raise TlsFlagsError(
+                "--upstream-ca needs --tls-cert and --tls-key: the replicas serve that certificate"
+            )
+        if (tls.upstream_cert is None) != (tls.upstream_key is None):
+            raise TlsFlagsError("--upstream-cert and --upstream-key go together")
+        if tls.upstream_cert is not None and tls.upstream_ca is None:
+            raise TlsFlagsError("--upstream-cert and --upstream-key need --upstream-ca")
+        for flag, path in (
+            ("--tls-cert", tls.cert),
+            ("--tls-key", tls.key),
+            ("--tls-client-ca", tls.client_ca),
+            ("--upstream-ca", tls.upstream_ca),
+            ("--upstream-cert", tls.upstream_cert),
+            ("--upstream-key", tls.upstream_key),
+        ):
+            if path is not None:
+                _check_pem(flag, path)
+        return tls
+
+    @property
+    def listener(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def upstream(self) -> bool:
+        return self.upstream_ca is not None
+
+    @property
+    def upstream_mutual(self) -> bool:
+        return self.upstream_cert is not None
+
+    def downstream_params(self) -> DownstreamTls | None:
+        if self.cert is None or self.key is None:
+            return None
+        return DownstreamTls(
+            str(self.cert.resolve()),
+            str(self.key.resolve()),
+            str(self.client_ca.resolve()) if self.client_ca is not None else None,
+        )
+
+    def upstream_params(self) -> UpstreamTls | None:
+        if self.upstream_ca is None:
+            return None
+        return UpstreamTls(
+            str(self.upstream_ca.resolve()),
+            str(self.upstream_cert.resolve()) if self.upstream_cert is not None else None,
+            str(self.upstream_key.resolve()) if self.upstream_key is not None else None,
+        )
+
+    def replica_flags(self) -> list[str]:
+        """Each replica's TLS flags: the listener's certificate, and the upstream CA for client
+        certificates when Envoy presents one."""
+        if not self.upstream or self.cert is None or self.key is None:
+            return []
+        flags = ["--tls-cert", str(self.cert.resolve()), "--tls-key", str(self.key.resolve())]
+        if self.upstream_mutual and self.upstream_ca is not None:
+            flags += ["--tls-client-ca", str(self.upstream_ca.resolve())]
+        return flags
+
+    def probe_credentials(self) -> grpc.ChannelCredentials | None:
+        """What the readiness probe dials the replicas with: what Envoy uses."""
+        if self.upstream_ca is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            self.upstream_ca.read_bytes(),
+            self.upstream_key.read_bytes() if self.upstream_key is not None else None,
+            self.upstream_cert.read_bytes() if self.upstream_cert is not None else None,
+        )
+
+    def summary(self) -> dict[str, bool]:
+        return {
+            "tls": self.listener,
+            "mutual_tls": self.client_ca is not None,
+            "upstream_tls": self.upstream,
+            "upstream_mutual_tls": self.upstream_mutual,
+        }
+
+
+def _check_pem(flag: str, path: Path) -> None:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TlsFlagsError(f"{flag}: cannot read {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise TlsFlagsError(f"{flag}: {path} is not PEM (no -----BEGIN line)")
 
 
 @dataclass
@@ -123,8 +284,16 @@ def _spawn(command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
 
 
+def replica_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in REPLICA_TLS_ENV}
+
+
 def replica_command(
-    args: argparse.Namespace, port: int, threads: int, metrics_port: int
+    args: argparse.Namespace,
+    port: int,
+    threads: int,
+    metrics_port: int,
+    tls: ClusterTls | None = None,
 ) -> list[str]:
     command = [
         sys.executable,
@@ -148,19 +317,48 @@ def replica_command(
         value = getattr(args, flag)
         if value is not None:
             command += ["--" + flag.replace("_", "-"), str(value)]
+    if tls is not None:
+        command += tls.replica_flags()
     return command
 
 
-def serving(port: int, timeout: float = 1.0) -> bool:
-    """grpc.health.v1 says SERVING for the whole server ("")."""
-    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+class TlsHandshakeError(RuntimeError):
+    """The replica is up, but TLS with it fails: a certificate or CA problem, not a wait."""
+
+
+# What grpc core says when the handshake, not the connection, failed.
+# ("Tls handshake failed", "CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed");
+# a replica still loading refuses the connection instead.
+_HANDSHAKE_FAILURES = ("handshake", "certificate", "verification", "peer name")
+
+
+def probe(
+    port: int, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> str | None:
+    """None when grpc.health.v1 says SERVING for the whole server (""), else why not. With
+    ``credentials``, over TLS; raises TlsHandshakeError when the replica answers but the
+    handshake fails (that does not get better by waiting)."""
+    target = f"{HOST}:{port}"
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
             )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError as exc:
+            details = str(exc.details() if isinstance(exc, grpc.Call) else exc)
+            if credentials is not None and any(
+                word in details.lower() for word in _HANDSHAKE_FAILURES
+            ):
+                raise TlsHandshakeError(details) from exc
+            return details
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return None
 
 
 class _Stop:
@@ -190,6 +388,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("--replicas must be at least 1")
         return 2
     try:
+        tls = ClusterTls.from_args(args)
+    except TlsFlagsError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    try:
         envoy_binary()
         import yaml  # noqa: F401  (the envoy extra: the rendered config is YAML)
     except (ImportError, EnvoyNotInstalled) as exc:
@@ -207,13 +410,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         for _ in range(args.replicas):
             port, metrics_port = free_port(), free_port()
-            command = replica_command(args, port, threads, metrics_port)
-            replicas.append(Replica(port, _spawn(command, stdout=subprocess.DEVNULL), metrics_port))
+            command = replica_command(args, port, threads, metrics_port, tls)
+            process = _spawn(command, stdout=subprocess.DEVNULL, env=replica_env())
+            replicas.append(Replica(port, process, metrics_port))
         log.info(
             "starting replicas",
-            extra={"replicas": [r.address for r in replicas], "threads": threads},
+            extra={"replicas": [r.address for r in replicas], "threads": threads, **tls.summary()},
         )
-        if not _wait_serving(replicas, args.startup_timeout_s, stop):
+        if not _wait_serving(replicas, args.startup_timeout_s, stop, tls.probe_credentials()):
             code = 1
             return code
         config_path = args.envoy_config or workdir / "envoy.yaml"
@@ -224,6 +428,8 @@ def run(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             otlp=Endpoint.parse(args.otlp) if args.otlp else None,
             access_log_path=args.access_log,
+            downstream_tls=tls.downstream_params(),
+            upstream_tls=tls.upstream_params(),
         )
         write(params, config_path)
         envoy = EnvoyProcess(
@@ -238,6 +444,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "event": "ready",
                 "listener": f"{args.host}:{args.port}",
+                **tls.summary(),
                 "admin": f"http://127.0.0.1:{args.admin_port}/",
                 "envoy_metrics": f"http://127.0.0.1:{args.admin_port}/stats/prometheus",
                 "envoy_config": str(config_path),
@@ -268,9 +475,15 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _wait_serving(replicas: list[Replica], timeout: float, stop: _Stop) -> bool:
+def _wait_serving(
+    replicas: list[Replica],
+    timeout: float,
+    stop: _Stop,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> bool:
     end = time.monotonic() + timeout
     pending = list(replicas)
+    why: dict[str, str] = {}
     while pending:
         if stop.event.is_set():
             log.error("interrupted while the replicas were starting")
@@ -283,11 +496,23 @@ def _wait_serving(replicas: list[Replica], timeout: float, stop: _Stop) -> bool:
                     extra={"replica": replica.address, "exit_code": code},
                 )
                 return False
-            if serving(replica.port):
+            try:
+                problem = probe(replica.port, credentials=credentials)
+            except TlsHandshakeError as exc:
+                log.error(
+                    "TLS with a replica fails: its certificate (--tls-cert) must be signed by "
+                    "--upstream-ca and name 127.0.0.1",
+                    extra={"replica": replica.address, "error": str(exc)},
+                )
+                return False
+            if problem is None:
                 pending.remove(replica)
+            else:
+                why[replica.address] = problem
         if pending and time.monotonic() > end:
             log.error(
-                "replicas not SERVING in time", extra={"pending": [r.address for r in pending]}
+                "replicas not SERVING in time",
+                extra={"pending": {r.address: why.get(r.address, "") for r in pending}},
             )
             return False
         if pending:

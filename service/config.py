@@ -24,12 +24,19 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
+    forward_nice: int = 5
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
     max_inputs: int = 512
     max_queue_tokens: int = 65536
+    max_queue_delay_ms: int = 500
+    max_concurrent_rpcs: int = 1024
     stream_window: int = 16
     bulk_aging_ms: int = 1000
+    cache_bytes: int = 0
+    cache_redis_url: str | None = None
+    cache_redis_ttl_s: int = 86400
+    cache_redis_timeout_ms: int = 50
     max_input_tokens: int | None = None
     min_dimensions: int | None = None
     default_instruction: str | None = None
@@ -70,6 +77,35 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
+
+
+def _nice(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 19, got {value}")
+    return value
+
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def _byte_size(text: str) -> int:
+    """Bytes: a plain integer, or with a unit (256MiB, 1GiB, 500MB)."""
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :]
+    if unit not in _BYTE_UNITS or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"expected bytes (268435456, 256MiB), got {text!r}")
+    return int(number) * _BYTE_UNITS[unit]
 
 
 def _non_negative_float(text: str) -> float:
@@ -121,6 +157,12 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_int,
     ),
     Option(
+        "forward_nice",
+        "Run the forward pass (and torch's worker threads) this much nicer than the event "
+        "loop, so that a saturated CPU still answers and refuses calls promptly. 0 to 19.",
+        _nice,
+    ),
+    Option(
         "max_batch_tokens", "Token budget of one forward pass, padding included.", _positive_int
     ),
     Option("max_batch_size", "Most sequences in one forward pass.", _positive_int),
@@ -136,15 +178,45 @@ OPTIONS: tuple[Option, ...] = (
         _positive_int,
     ),
     Option(
+        "max_queue_delay_ms",
+        "Longest expected queue wait an interactive call is admitted into, at the "
+        "throughput measured on full batches; past it, RESOURCE_EXHAUSTED at once. 0: off.",
+        _non_negative_int,
+    ),
+    Option(
+        "max_concurrent_rpcs",
+        "Calls (streams included) in progress at once; gRPC refuses more with "
+        "RESOURCE_EXHAUSTED before any Python runs, so a flood cannot stall the server. "
+        "0: no limit.",
+        _non_negative_int,
+    ),
+    Option(
         "stream_window",
         "Items one stream may have in flight before the server stops reading it.",
         _positive_int,
     ),
     Option(
         "bulk_aging_ms",
-        "Head start interactive work has over bulk work; bulk older than "
-        "this competes as equal, so it never starves.",
+        "Interactive work goes first, but bulk work gets a batch at least this often "
+        "while it has work queued, so it never starves.",
         _non_negative_int,
+    ),
+    Option(
+        "cache_bytes",
+        "In-process embedding cache size in bytes (e.g. 268435456 or 256MiB); 0 turns it off. "
+        "Exact matches of model, instruction, truncation and text; see 'Embedding cache'.",
+        _byte_size,
+    ),
+    Option(
+        "cache_redis_url",
+        "Redis shared by replicas as a second cache tier (redis://host:6379/0, rediss://, "
+        "unix://). Default: none.",
+    ),
+    Option("cache_redis_ttl_s", "Lifetime of a Redis cache entry in seconds.", _positive_int),
+    Option(
+        "cache_redis_timeout_ms",
+        "Time limit of a Redis connect or reply; past it the cache is skipped, never the call.",
+        _positive_int,
     ),
     Option(
         "max_input_tokens",

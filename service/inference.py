@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedserve.service.cache.memory import CachedVector
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.work import Lane
 from embedserve.service.models.base import EmbeddingAdapter, RerankerAdapter, RerankMethod
 from embedserve.service.models.tokenization import InputTooLongError, TokenizedInput, Truncation
+
+if TYPE_CHECKING:
+    from embedserve.service.cache.front import EmbeddingCache
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class Outcome:
     tokenize_s: float
     queue_s: float
     inference_s: float
+    # Inputs answered from the embedding cache, without tokenizing or computing them.
+    cached_inputs: int = 0
 
 
 async def _run(
@@ -60,9 +67,13 @@ async def _run(
 
 
 class EmbeddingModel:
-    def __init__(self, adapter: EmbeddingAdapter, engine: Engine) -> None:
+    def __init__(
+        self, adapter: EmbeddingAdapter, engine: Engine, cache: EmbeddingCache | None = None
+    ) -> None:
         self.adapter = adapter
         self.engine = engine
+        # Exact-match cache of raw vectors (service/cache/); None when it is off.
+        self.cache = cache
 
     @property
     def name(self) -> str:
@@ -76,8 +87,10 @@ class EmbeddingModel:
         scheduling: Scheduling,
     ) -> Outcome:
         """Pooled, unnormalized vectors (n, dimensions). A query when ``instruction`` is set."""
-        self.engine.check_admission(scheduling.lane)
         prefix = "" if instruction is None else self.adapter.query_prefix(instruction)
+        if self.cache is not None:
+            return await self._embed_cached(self.cache, texts, prefix, truncation, scheduling)
+        self.engine.check_admission(scheduling.lane)
         with self.engine.telemetry.span(
             "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(texts)}
         ):
@@ -85,6 +98,80 @@ class EmbeddingModel:
                 lambda: self.adapter.tokenize(texts, prefix, truncation)
             )
         return await _run(self.engine, tokenized, seconds, scheduling)
+
+    async def _embed_cached(
+        self,
+        cache: EmbeddingCache,
+        texts: Sequence[str],
+        prefix: str,
+        truncation: Truncation,
+        scheduling: Scheduling,
+    ) -> Outcome:
+        """Look every text up; tokenize and compute only the misses, each distinct text
+        once. A request answered wholly from the cache never enters the engine."""
+        keys = cache.keys(prefix, truncation, texts)
+        slot_of: dict[bytes, int] = {}
+        distinct: list[bytes] = []
+        first_input: list[int] = []  # of each distinct key
+        slots: list[int] = []  # of each input
+        for index, key in enumerate(keys):
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = slot_of[key] = len(distinct)
+                distinct.append(key)
+                first_input.append(index)
+            slots.append(slot)
+        found = await cache.lookup(distinct)
+        missing = [slot for slot, entry in enumerate(found) if entry is None]
+        tokenize_s = queue_s = inference_s = 0.0
+        if missing:
+            self.engine.check_admission(scheduling.lane)
+            todo = [texts[first_input[slot]] for slot in missing]
+            with self.engine.telemetry.span(
+                "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(todo)}
+            ):
+                try:
+                    tokenized, tokenize_s = await self.engine.tokenize(
+                        lambda: self.adapter.tokenize(todo, prefix, truncation)
+                    )
+                except InputTooLongError as exc:
+                    if exc.index is None:
+                        raise
+                    # Name the input in the request, not in the list of misses.
+                    index = first_input[missing[exc.index]]
+                    raise InputTooLongError(index, exc.tokens, exc.limit) from exc
+            result = await self.engine.compute(
+                [t.ids for t in tokenized],
+                scheduling.lane,
+                scheduling.deadline,
+                detailed_trace=scheduling.detailed_trace,
+            )
+            queue_s, inference_s = result.queue_s, result.inference_s
+            computed: list[tuple[bytes, CachedVector]] = []
+            for slot, item, row in zip(missing, tokenized, result.outputs, strict=True):
+                entry = CachedVector.of(row, len(item.ids), item.truncated)
+                found[slot] = entry
+                computed.append((distinct[slot], entry))
+            cache.store(computed)
+        values = np.empty((len(texts), self.adapter.dimensions), dtype=np.float32)
+        input_tokens = truncated_inputs = cached_inputs = 0
+        fresh = set(missing)
+        for index, slot in enumerate(slots):
+            answer = found[slot]
+            assert answer is not None
+            values[index] = answer.vector
+            input_tokens += answer.tokens
+            truncated_inputs += answer.truncated
+            cached_inputs += slot not in fresh
+        return Outcome(
+            values=values,
+            input_tokens=input_tokens,
+            truncated_inputs=truncated_inputs,
+            tokenize_s=tokenize_s,
+            queue_s=queue_s,
+            inference_s=inference_s,
+            cached_inputs=cached_inputs,
+        )
 
 
 class Reranker:
@@ -187,6 +274,8 @@ class SimilarityReranker(Reranker):
             tokenize_s=docs.tokenize_s + query_vector.tokenize_s,
             queue_s=max(docs.queue_s, query_vector.queue_s),
             inference_s=max(docs.inference_s, query_vector.inference_s),
+            # Usage.inputs counts documents, so this counts cached documents only.
+            cached_inputs=docs.cached_inputs,
         )
 
 

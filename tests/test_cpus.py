@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+
+from harness import serving
 
 from embedserve.service.cpus import available_cpus, cgroup_cpu_limit
 
@@ -30,3 +33,25 @@ def test_cgroup_v1_quota(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(tmp_path) == 1.0
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_limit(tmp_path) is None
+
+
+def _nice_of(task: str) -> int:
+    # Field 19 of /proc/PID/task/TID/stat; the command name (field 2) may hold spaces.
+    stat = Path(f"/proc/self/task/{task}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def test_forward_thread_and_its_torch_workers_run_nicer(qwen3_embedding_folder: Path) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    wanted = min(19, base + 7)
+    others_before = {t for t in os.listdir("/proc/self/task") if _nice_of(t) == wanted}
+    with serving(model=qwen3_embedding_folder, forward_nice=7, threads=2) as server:
+        (engine,) = server.engines
+        forward_thread = engine._forward_thread.submit(threading.get_native_id).result()
+        assert _nice_of(str(forward_thread)) == wanted
+        niced = {t for t in os.listdir("/proc/self/task") if _nice_of(t) == wanted}
+        # The warm-up ran a forward pass with 2 torch threads: its OpenMP worker was
+        # started by the forward thread and inherited the nice value.
+        assert len(niced - others_before) >= 2
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+        assert server.call(lambda: engine.drain_rate.tokens_per_s) is not None

@@ -43,6 +43,8 @@ def server(qwen3_embedding_folder: Path) -> Iterator[InProcessServer]:
         max_batch_tokens=MAX_BATCH_TOKENS,
         max_queue_tokens=MAX_QUEUE_TOKENS,
         max_input_tokens=MAX_INPUT_TOKENS,
+        # These tests are about the token bound; admission by expected wait has its own.
+        max_queue_delay_ms=0,
     ) as running:
         yield running
 
@@ -325,3 +327,69 @@ def test_interactive_call_is_served_while_bulk_lane_is_full(server: InProcessSer
     results = list(stream)
     assert len(results) == 6
     assert all(r.WhichOneof("outcome") == "result" for r in results)
+
+
+# -- admission by expected wait and the concurrent-call bound ---------------------------
+
+
+def rejection_of(future: grpc.Future) -> grpc.RpcError:  # type: ignore[type-arg]
+    wait_until(future.done, timeout=60, what="the call to end")
+    error = future.exception()
+    assert isinstance(error, grpc.RpcError), "the call was not refused"
+    return error
+
+
+def test_calls_past_the_expected_wait_are_refused_at_once(qwen3_embedding_folder: Path) -> None:
+    # A 1 ms budget: whatever the measured rate, one queued call is more than 1 ms of work
+    # for the next, while a call into an empty queue is always admitted.
+    with serving(
+        model=qwen3_embedding_folder, max_input_tokens=MAX_INPUT_TOKENS, max_queue_delay_ms=1
+    ) as server:
+        engine = engine_of(server)
+        assert server.call(lambda: engine.drain_rate.tokens_per_s) is not None, (
+            "warm-up did not seed the drain rate"
+        )
+        with held(server):
+            first = server.stubs.embed.Embed.future(embed_request([LONG_TEXT] * 4), timeout=60)
+            wait_until(settled(server, first, 4), what="the first call to be queued")
+            assert not first.done(), first.exception()
+            second = server.stubs.embed.Embed.future(embed_request(SHORT_TEXTS), timeout=60)
+            error = rejection_of(second)
+            assert isinstance(error, grpc.Call)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "ms of work (limit 1 ms)" in (error.details() or "")
+            status = rpc_status.from_call(error)
+            assert status is not None
+            assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+            assert queued(server, Lane.INTERACTIVE)[0] == 4  # nothing of it was queued
+        assert len(first.result(timeout=60).embeddings) == 4
+
+
+def test_expected_wait_admission_can_be_turned_off(server: InProcessServer) -> None:
+    # The module's server runs with max_queue_delay_ms=0: after full batches have set a
+    # drain rate, a queue of far more than 1 ms of work still admits up to the token bound.
+    check_computes_exactly(server, [LONG_TEXT] * 8)  # one full 512-token batch
+    assert server.call(lambda: engine_of(server).drain_rate.tokens_per_s) is not None
+    with held(server):
+        futures = []
+        for attempt in range(2):
+            futures.append(server.stubs.embed.Embed.future(embed_request([LONG_TEXT] * 4)))
+            wait_until(settled(server, futures[-1], 4 * (attempt + 1)), what="queued")
+        assert not any(f.done() for f in futures)
+    assert all(len(f.result(timeout=60).embeddings) == 4 for f in futures)
+
+
+def test_calls_past_the_concurrent_rpc_bound_are_refused(qwen3_embedding_folder: Path) -> None:
+    with serving(model=qwen3_embedding_folder, warmup=False, max_concurrent_rpcs=2) as server:
+        with held(server):
+            calls = [
+                server.stubs.embed.Embed.future(embed_request(SHORT_TEXTS), timeout=60)
+                for _ in range(2)
+            ]
+            wait_until(lambda: engine_of(server).outstanding == 2, what="two calls in progress")
+            error = rejection_of(server.stubs.embed.Embed.future(embed_request(["x"])))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stats(server).requests_rejected == 0  # refused before the engine saw it
+        assert all(len(c.result(timeout=60).embeddings) == len(SHORT_TEXTS) for c in calls)
+        # Once the bound has room again, calls are served.
+        check_computes_exactly(server, ["again"])

@@ -36,6 +36,7 @@ LIMITS: dict[str, int] = {
     "max_inputs": 100,
     "max_queue_tokens": 20000,
     "stream_window": 8,
+    "max_queue_delay_ms": 250,
 }
 
 
@@ -159,7 +160,9 @@ def test_info_describes_the_qwen3_embedder(qwen3_info_server: InProcessServer) -
         "max_inputs": batching.max_inputs_per_request,
         "max_queue_tokens": batching.max_queue_tokens,
         "stream_window": batching.stream_window,
+        "max_queue_delay_ms": batching.max_queue_delay.ToMilliseconds(),
     } == LIMITS
+    assert batching.HasField("max_queue_delay")
 
     reranker = models["MODEL_KIND_RERANKER"]
     assert reranker.rerank_method == info_service_pb2.RERANK_METHOD_EMBEDDING_SIMILARITY
@@ -258,6 +261,9 @@ def test_sigterm_drains_in_flight_calls(qwen3_embedding_folder: Path) -> None:
         "1",
         "--max-queue-tokens",
         "4000000",
+        # The heavy calls must all be admitted, however long the queue they make.
+        "--max-queue-delay-ms",
+        "0",
     )
     try:
         stubs = stubs_for(process.wait_serving())

@@ -15,6 +15,7 @@ import pytest
 
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.engine.scheduler import Scheduler
+from embedserve.service.engine.throughput import DrainRate
 from embedserve.service.engine.work import Lane, Outcome, QueuedSequence, WorkRequest
 
 
@@ -216,25 +217,56 @@ def test_oldest_sequence_is_always_in_the_next_batch(loop: asyncio.AbstractEvent
 
 
 def test_oldest_across_lanes_is_in_the_next_batch(loop: asyncio.AbstractEventLoop) -> None:
+    # Bulk's aged time is the later of its arrival and the bulk lane's last batch, plus the
+    # aging delay; interactive's is its arrival. The next batch holds the smallest.
     aging = 5.0
     bench = make_bench(loop, max_batch_tokens=256, max_batch_size=4, bulk_aging_s=aging)
     rng = random.Random(5)
-    arrival: dict[tuple[int, int], float] = {}
+    arrival: dict[tuple[int, int], tuple[Lane, float]] = {}
     for r in range(40):
         lane = Lane.BULK if r % 3 else Lane.INTERACTIVE
         at = r * 0.5 + 0.01 * (lane is Lane.BULK)  # no ties between lanes after aging
         request = bench.add([rng.randint(1, 64) for _ in range(3)], lane=lane, at=at)
         for i in range(3):
-            arrival[(id(request), i)] = at + (aging if lane is Lane.BULK else 0.0)
+            arrival[(id(request), i)] = (lane, at)
+    bulk_served = float("-inf")
+
+    def aged(key: tuple[int, int]) -> float:
+        lane, at = arrival[key]
+        return at if lane is Lane.INTERACTIVE else max(at, bulk_served) + aging
+
+    now = 0.0
     while True:
-        batch = bench.next(now=100.0)
+        now += 0.7  # bulk's last batch moves its clock; time moves on between batches
+        batch = bench.next(now=now)
         if not batch:
             break
-        oldest = min(arrival, key=lambda key: arrival[key])
+        oldest = min(arrival, key=aged)
         assert oldest in keys(batch)
+        if batch[0].request.lane is Lane.BULK:
+            bulk_served = now
         for key in keys(batch):
             del arrival[key]
     assert not arrival
+
+
+def test_a_bulk_backlog_does_not_delay_new_interactive_calls(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # A stream keeps a backlog far older than the aging delay; once the bulk lane has had a
+    # batch, a new interactive call goes next, not behind the backlog.
+    bench = make_bench(loop, max_batch_tokens=40, max_batch_size=4, bulk_aging_s=1.0)
+    for _ in range(20):
+        bench.add([10] * 4, lane=Lane.BULK, at=0.0)
+    assert bench.next(now=10.0)[0].request.lane is Lane.BULK  # aged long ago: goes first
+    interactive = bench.add([10], lane=Lane.INTERACTIVE, at=10.05)
+    assert {s.request for s in bench.next(now=10.1)} == {interactive}
+    # With no interactive work left, bulk carries on at once.
+    assert bench.next(now=10.2)[0].request.lane is Lane.BULK
+    # And once bulk has waited its delay since its last batch, it goes before newer calls.
+    late = bench.add([10], lane=Lane.INTERACTIVE, at=11.5)
+    assert bench.next(now=11.6)[0].request.lane is Lane.BULK
+    assert {s.request for s in bench.next(now=11.7)} == {late}
 
 
 # -- lanes and aging ----------------------------------------------------------------------
@@ -491,3 +523,19 @@ def test_random_workloads_schedule_every_live_sequence_once(
             drop = dropped_at.get(id(seq.request))
             assert drop is None or index < drop
     assert len(requests) > 50 and scheduled
+
+
+# -- the drain rate behind admission by expected wait ---------------------------------------
+
+
+def test_drain_rate_counts_only_full_batches() -> None:
+    rate = DrainRate(max_batch_tokens=1000, max_batch_size=10, weight=0.5)
+    assert rate.seconds_for(100) is None  # nothing measured: no estimate
+    rate.observe(tokens=10, padded_tokens=10, size=1, seconds=1.0)  # an idle server's batch
+    assert rate.seconds_for(100) is None
+    rate.observe(tokens=900, padded_tokens=1000, size=10, seconds=0.5)  # 1800 tokens/s
+    assert rate.seconds_for(900) == pytest.approx(0.5)
+    rate.observe(tokens=600, padded_tokens=600, size=6, seconds=1.0)  # 600/s, smoothed
+    assert rate.tokens_per_s == pytest.approx(1200.0)
+    rate.observe(tokens=0, padded_tokens=0, size=0, seconds=0.0)  # nothing to learn from
+    assert rate.tokens_per_s == pytest.approx(1200.0)

@@ -173,6 +173,7 @@ def test_a_stream_aggregates_its_items_on_one_span(
         "embedserve.stream.failed_items": 1,
         "embedserve.stream.inputs": 39,
         "embedserve.stream.input_tokens": attributes["embedserve.stream.input_tokens"],
+        "embedserve.stream.cached_inputs": 0,
     }
     assert attributes["embedserve.stream.input_tokens"] > 39
     assert spans.named("queue") == [] and spans.named("tokenize") == []  # no per-item spans
@@ -336,7 +337,11 @@ def test_dashboard_and_alerts_use_series_the_server_exports(qwen3_embedding_fold
 
     import yaml
 
-    with serving(model=qwen3_embedding_folder, warmup=False, metrics_port=0) as server:
+    # With the embedding cache on, so that its series are exported too.
+    with serving(
+        model=qwen3_embedding_folder, warmup=False, metrics_port=0, cache_bytes=1 << 20
+    ) as server:
+        server.stubs.embed.Embed(embed_service_pb2.EmbedRequest(inputs=["one"]))
         server.stubs.embed.Embed(embed_service_pb2.EmbedRequest(inputs=["one"]))
         list(
             server.stubs.embed.EmbedStream(
@@ -359,7 +364,7 @@ def test_dashboard_and_alerts_use_series_the_server_exports(qwen3_embedding_fold
     assert used, "no embedserve series referenced"
     assert used <= exported, f"not exported: {sorted(used - exported)}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("throughput", "latency", "queue", "batch", "errors", "envoy"):
+    for topic in ("throughput", "latency", "queue", "batch", "errors", "envoy", "cache"):
         assert topic in titles
     alert_names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
     assert {

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from embedserve.service.api.errors import FieldViolation, invalid_argument
+from embedserve.service.api.handlers import WrappedHandlers
 
 
 class _Malformed:
@@ -39,6 +40,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], reason: str) -> No
 
 
 class SafeDecodingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        self._handlers = WrappedHandlers(_safe_handler)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -47,29 +51,29 @@ class SafeDecodingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        decode = handler.request_deserializer
+        return self._handlers.get(handler)
 
-        def safe_decode(data: bytes) -> Any:
-            try:
-                return decode(data)
-            except (DecodeError, UnicodeDecodeError, ValueError) as exc:
-                return _Malformed(str(exc) or type(exc).__name__)
 
-        kwargs = {
-            "request_deserializer": safe_decode,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(handler.unary_stream), **kwargs
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _streaming(handler.stream_stream), **kwargs
-            )
-        return handler
+def _safe_handler(handler: Any) -> Any:
+    decode = handler.request_deserializer
+
+    def safe_decode(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return _Malformed(str(exc) or type(exc).__name__)
+
+    kwargs = {
+        "request_deserializer": safe_decode,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_unary_stream(handler.unary_stream), **kwargs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream), **kwargs)
+    return handler
 
 
 def _unary(inner: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:

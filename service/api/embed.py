@@ -103,6 +103,11 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
             raise calls.too_long(
                 exc, f"{field_prefix}inputs", f"{field_prefix}instruction"
             ) from exc
+        if outcome.cached_inputs and not field_prefix:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute("embedserve.cached_inputs", outcome.cached_inputs)
+        # After the cache: one cached raw vector serves every dimensions/normalize/encoding.
         vectors = finish_vectors(outcome.values, options.dimensions, options.normalize)
         return embed_service_pb2.EmbedResponse(
             model=model.name,
@@ -111,6 +116,7 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
                 input_tokens=outcome.input_tokens,
                 inputs=len(request.inputs),
                 truncated_inputs=outcome.truncated_inputs,
+                cached_inputs=outcome.cached_inputs,
             ),
             timing=common_pb2.Timing(
                 tokenization=duration(outcome.tokenize_s),
@@ -144,7 +150,7 @@ class _Stream:
         self.stopped_for_drain = False
         # Per-item work is aggregated on the stream's span: a million items must not
         # make a million spans.
-        self._items = self._failed_items = self._inputs = self._tokens = 0
+        self._items = self._failed_items = self._inputs = self._tokens = self._cached = 0
 
     async def responses(self) -> AsyncIterator[embed_service_pb2.EmbedStreamResponse]:
         reader = asyncio.ensure_future(self._read())
@@ -162,6 +168,7 @@ class _Stream:
                         "embedserve.stream.failed_items": self._failed_items,
                         "embedserve.stream.inputs": self._inputs,
                         "embedserve.stream.input_tokens": self._tokens,
+                        "embedserve.stream.cached_inputs": self._cached,
                     }
                 )
             reader.cancel()
@@ -216,6 +223,7 @@ class _Stream:
             model, outcome = result.model, "OK"
             self._inputs += result.usage.inputs
             self._tokens += result.usage.input_tokens
+            self._cached += result.usage.cached_inputs
         except Exception as exc:
             error = calls.api_error(exc)
             response = embed_service_pb2.EmbedStreamResponse(id=item_id, error=error.to_status())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from embedserve.service import __version__
 from embedserve.service.api.calls import Context
+from embedserve.service.api.encoding import duration
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.inference import Reranker
 from embedserve.service.models.base import RerankMethod
@@ -30,6 +31,7 @@ def _batching(limits: BatchLimits) -> info_service_pb2.BatchingLimits:
         max_inputs_per_request=limits.max_inputs_per_request,
         max_queue_tokens=limits.max_queue_tokens,
         stream_window=limits.stream_window,
+        max_queue_delay=duration(limits.max_queue_delay_s) if limits.max_queue_delay_s else None,
     )
 
 

@@ -75,6 +75,7 @@ class RerankServicer(rerank_service_pb2_grpc.RerankServiceServicer):
                 input_tokens=outcome.input_tokens,
                 inputs=len(request.documents),
                 truncated_inputs=outcome.truncated_inputs,
+                cached_inputs=outcome.cached_inputs,
             ),
             timing=common_pb2.Timing(
                 tokenization=duration(outcome.tokenize_s),

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +20,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from opentelemetry.trace import Span
 
 from embedserve.service.engine.errors import DeadlineExpired, ForwardFailed, NotReady, Overloaded
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.engine.runner import BatchRunner
 from embedserve.service.engine.scheduler import Scheduler
 from embedserve.service.engine.stats import EngineStats
+from embedserve.service.engine.throughput import DrainRate
 from embedserve.service.engine.tokenizer_pool import TokenizerPool
 from embedserve.service.engine.work import Lane, Outcome, QueuedSequence, WorkRequest
 from embedserve.service.models.base import ModelAdapter
@@ -52,6 +56,8 @@ class Engine:
         adapter: ModelAdapter,
         limits: BatchLimits,
         telemetry: EngineTelemetry | None = None,
+        *,
+        forward_nice: int = 0,
     ) -> None:
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
@@ -60,7 +66,12 @@ class Engine:
         self.stats = EngineStats()
         self.state = EngineState.STARTING
         self._runner = BatchRunner(adapter)
-        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{adapter.name}")
+        self._forward_thread = ThreadPoolExecutor(
+            1,
+            thread_name_prefix=f"forward-{adapter.name}",
+            initializer=_lower_priority,
+            initargs=(forward_nice,),
+        )
         self._tokenizer = TokenizerPool(adapter.name)
         self._scheduler = Scheduler(limits, self._expire)
         self._wakeup = asyncio.Event()
@@ -72,6 +83,7 @@ class Engine:
         self._held.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._batch_counter = 0
+        self.drain_rate = DrainRate(limits.max_batch_tokens, limits.max_batch_size)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -83,6 +95,10 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(
                 self._forward_thread, self._runner.run, batch
             )
+            # A full batch of the longest inputs: a conservative first drain rate, so that
+            # admission by expected wait works from the first request.
+            tokens = sum(len(s) for s in batch)
+            self.drain_rate.observe(tokens, tokens, len(batch), time.perf_counter() - started)
             log.info(
                 "warm-up done",
                 extra={
@@ -131,7 +147,8 @@ class Engine:
         return self._scheduler.queued_sequences(lane)
 
     def check_admission(self, lane: Lane, tokens: int = 0) -> None:
-        """Raise Overloaded if an interactive request of ``tokens`` would overflow the queue.
+        """Raise Overloaded if an interactive request of ``tokens`` would overflow the
+        queue's token bound, or would wait longer than ``max_queue_delay_s``.
 
         Called once before tokenizing (with 0, to shed load cheaply) and again after.
         """
@@ -143,7 +160,20 @@ class Engine:
         limit = self.limits.max_queue_tokens
         if queued + tokens > limit or (tokens == 0 and queued >= limit):
             self.stats.requests_rejected += 1
-            raise Overloaded(lane.value, queued, limit, self._retry_hint())
+            raise Overloaded(
+                f"the {lane.value} queue holds {queued} tokens (limit {limit})",
+                self._retry_hint(),
+            )
+        max_delay = self.limits.max_queue_delay_s
+        # An empty queue always admits: one request alone is never refused for its size.
+        wait = self.drain_rate.seconds_for(queued + tokens) if queued and max_delay else None
+        if wait is not None and wait > max_delay:
+            self.stats.requests_rejected += 1
+            raise Overloaded(
+                f"the {lane.value} queue is {wait * 1000:.0f} ms of work "
+                f"(limit {max_delay * 1000:.0f} ms)",
+                self._retry_hint(),
+            )
 
     async def tokenize(self, job: Callable[[], T]) -> tuple[T, float]:
         return await self._tokenizer.run(job)
@@ -193,10 +223,8 @@ class Engine:
 
     def _retry_hint(self) -> float:
         """How long the interactive queue takes to drain at the measured throughput."""
-        if self.stats.forward_seconds <= 0 or self.stats.padded_tokens_computed == 0:
-            return 0.1
-        rate = self.stats.padded_tokens_computed / self.stats.forward_seconds
-        return min(5.0, max(0.05, self._scheduler.queued_tokens(Lane.INTERACTIVE) / rate))
+        wait = self.drain_rate.seconds_for(self._scheduler.queued_tokens(Lane.INTERACTIVE))
+        return 0.1 if wait is None else min(5.0, max(0.05, wait))
 
     async def _wait_for_bulk_space(self, tokens: int) -> None:
         # Streams wait rather than fail when the bulk lane is full (backpressure); one
@@ -237,45 +265,108 @@ class Engine:
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        running: _RunningBatch | None = None
         while True:
-            await self._held.wait()
-            batch = self._scheduler.next_batch(loop.time())
-            if not batch:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            self._bulk_space.set()
-            await self._run_batch(loop, batch)
+            if running is None:
+                await self._held.wait()
+                running = self._start_batch(loop)
+                if running is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+            finished = running
+            try:
+                outputs: tuple[np.ndarray, float] | Exception = await finished.outputs
+            except Exception as exc:  # delivered to its callers below, never raised here
+                outputs = exc
+            # The next forward pass starts before this one's rows are delivered: the
+            # forward thread never waits while the event loop answers callers.
+            running = self._start_batch(loop) if self._held.is_set() else None
+            self._finish_batch(loop, finished, outputs)
 
-    async def _run_batch(
-        self, loop: asyncio.AbstractEventLoop, batch: list[QueuedSequence]
-    ) -> None:
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> _RunningBatch | None:
+        batch = self._scheduler.next_batch(loop.time())
+        if not batch:
+            return None
+        self._bulk_space.set()
         self._batch_counter += 1
-        batch_id = self._batch_counter
-        started = loop.time()
-        ids = [seq.ids for seq in batch]
         padded = len(batch) * self._runner.padded_width([s.length for s in batch])
         span = self.telemetry.batch_started(batch, padded)
-        try:
-            outputs = await loop.run_in_executor(self._forward_thread, self._runner.run, ids)
-        except Exception as exc:
-            self.telemetry.batch_finished(span, batch, padded, loop.time() - started, exc)
+        ids = [seq.ids for seq in batch]
+        started = loop.time()
+        outputs = loop.run_in_executor(self._forward_thread, self._timed_forward, ids)
+        return _RunningBatch(self._batch_counter, batch, padded, started, outputs, span)
+
+    def _timed_forward(self, ids: list[list[int]]) -> tuple[np.ndarray, float]:
+        # Timed on the forward thread: seen from the event loop, the time would include
+        # however long the loop took to notice, and under load the drain rate computed
+        # from it would fall, refuse more calls, load the loop more, and so on.
+        started = time.perf_counter()
+        outputs = self._runner.run(ids)
+        return outputs, time.perf_counter() - started
+
+    def _finish_batch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        running: _RunningBatch,
+        outputs: tuple[np.ndarray, float] | Exception,
+    ) -> None:
+        batch = running.batch
+        if isinstance(outputs, Exception):
+            elapsed = loop.time() - running.started
+            self.telemetry.batch_finished(running.span, batch, running.padded, elapsed, outputs)
             # A failed forward pass fails its callers, never the server.
             self.stats.forward_failures += 1
-            log.exception(
-                "forward pass failed", extra={"model": self.adapter.name, "batch_size": len(batch)}
+            log.error(
+                "forward pass failed",
+                exc_info=outputs,
+                extra={"model": self.adapter.name, "batch_size": len(batch)},
             )
-            error = ForwardFailed(f"the forward pass failed: {type(exc).__name__}")
+            error = ForwardFailed(f"the forward pass failed: {type(outputs).__name__}")
             for seq in batch:
                 self._drop(seq.request, Outcome.FAILED, error)
             return
-        elapsed = loop.time() - started
-        self.telemetry.batch_finished(span, batch, padded, elapsed)
+        rows, elapsed = outputs
+        self.telemetry.batch_finished(running.span, batch, running.padded, elapsed)
+        tokens = sum(seq.length for seq in batch)
         stats = self.stats
         stats.batches += 1
         stats.sequences_computed += len(batch)
-        stats.tokens_computed += sum(seq.length for seq in batch)
-        stats.padded_tokens_computed += padded
+        stats.tokens_computed += tokens
+        stats.padded_tokens_computed += running.padded
         stats.forward_seconds += elapsed
-        for seq, row in zip(batch, outputs, strict=True):
+        self.drain_rate.observe(tokens, running.padded, len(batch), elapsed)
+        batch_id, started = running.batch_id, running.started
+        for seq, row in zip(batch, rows, strict=True):
             seq.request.deliver(batch_id, started, elapsed, seq.index, row)
+
+
+def _lower_priority(nice: int) -> None:
+    """Run the calling thread, and the torch worker threads it starts, ``nice`` lower.
+
+    Linux schedules threads, and a thread inherits its creator's nice value: the OpenMP
+    team of the forward thread is created by its first forward pass, after this. With the
+    event loop ahead of torch, a saturated CPU still answers calls, refuses the excess fast
+    and hands out results; torch takes what is left.
+    """
+    if nice <= 0:
+        return
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
+    except OSError as exc:  # no per-thread priorities here: run at the process's
+        log.warning("cannot lower the forward thread's priority: %s", exc)
+
+
+@dataclass(frozen=True)
+class _RunningBatch:
+    """A batch handed to the forward thread, and what finishing it needs."""
+
+    batch_id: int
+    batch: list[QueuedSequence]
+    padded: int
+    started: float
+    # The rows, and the forward pass's seconds measured on the forward thread.
+    outputs: asyncio.Future[tuple[np.ndarray, float]]
+    span: Span | None

@@ -10,12 +10,9 @@ class EngineError(Exception):
 class Overloaded(EngineError):
     """The lane's queue is full: reject at once so that a proxy can retry elsewhere."""
 
-    def __init__(self, lane: str, queued_tokens: int, limit: int, retry_after_s: float) -> None:
+    def __init__(self, why: str, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(
-            f"the {lane} queue holds {queued_tokens} tokens (limit {limit}); retry later "
-            "or on another replica"
-        )
+        super().__init__(f"{why}; retry later or on another replica")
 
 
 class NotReady(EngineError):

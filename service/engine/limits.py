@@ -16,6 +16,10 @@ class BatchLimits:
     # Tokens each lane may hold. Interactive calls past it get RESOURCE_EXHAUSTED;
     # bulk streams wait (backpressure) instead.
     max_queue_tokens: int = 65536
+    # Longest expected wait an interactive call is admitted into, at the throughput the
+    # engine measured on full batches; past it, RESOURCE_EXHAUSTED at once. Time, unlike
+    # tokens, means the same on a CPU and on a GPU. 0 turns it off.
+    max_queue_delay_s: float = 0.5
     # Items a stream may have in flight before the server stops reading it.
     stream_window: int = 16
     # A bulk sequence competes as if it had arrived this much later than it did, so
@@ -30,15 +34,16 @@ class BatchLimits:
             (self.max_inputs_per_request >= 1, "max inputs per request must be at least 1"),
             (self.stream_window >= 1, "stream window must be at least 1"),
             (self.bulk_aging_s >= 0, "bulk aging must not be negative"),
+            (self.max_queue_delay_s >= 0, "max queue delay must not be negative"),
             (
                 self.max_batch_tokens >= max_input_tokens,
                 f"max batch tokens ({self.max_batch_tokens}) must hold one longest input "
                 f"({max_input_tokens} tokens)",
             ),
             (
-                self.max_queue_tokens >= self.max_batch_tokens,
-                f"max queue tokens ({self.max_queue_tokens}) must hold at least one full "
-                f"batch ({self.max_batch_tokens} tokens)",
+                self.max_queue_tokens >= max_input_tokens,
+                f"max queue tokens ({self.max_queue_tokens}) must hold one longest input "
+                f"({max_input_tokens} tokens)",
             ),
         ]
         for ok, message in checks:

@@ -23,6 +23,16 @@ class _LaneQueue:
         self.items: deque[QueuedSequence] = deque()
         self.tokens = 0
         self.count = 0
+        # When this lane last got a batch. A delayed lane's aging clock starts at the later
+        # of its head's arrival and this: otherwise a backlog older than the delay (a bulk
+        # stream keeps one) would outrank every new interactive call, and interactive
+        # latency would become the backlog's length instead of one batch.
+        self.last_served = float("-inf")
+
+    def aged_time(self, head: QueuedSequence) -> float:
+        if self.delay_s == 0.0:
+            return head.request.enqueued_at
+        return max(head.request.enqueued_at, self.last_served) + self.delay_s
 
     def head(self, expire: Callable[[WorkRequest], None], now: float) -> QueuedSequence | None:
         while self.items:
@@ -76,14 +86,20 @@ class Scheduler:
         return dropped
 
     def next_batch(self, now: float) -> list[QueuedSequence]:
-        """The next forward pass: the oldest live sequence (by aged arrival time) and
-        the queued sequences of its lane closest to it in length, within the budget."""
+        """The next forward pass: the oldest live sequence (by aged time) and the queued
+        sequences of its lane closest to it in length, within the budget.
+
+        Interactive work goes first; bulk work gets a batch once it has waited
+        ``bulk_aging_s`` since it arrived or since the bulk lane's last batch, whichever is
+        later. So bulk is served at least once every ``bulk_aging_s`` under any interactive
+        load, and an interactive call waits at most for the batch already running."""
         queue = self._pick_lane(now)
         if queue is None:
             return []
         pool = self._take_window(queue, now)
         chosen, rest = self._group_by_length(pool)
         queue.items.extendleft(reversed(rest))
+        queue.last_served = now
         for seq in chosen:
             request = seq.request
             request.queued_count -= 1
@@ -99,7 +115,7 @@ class Scheduler:
             head = queue.head(self._expire, now)
             if head is None:
                 continue
-            aged = head.request.enqueued_at + queue.delay_s
+            aged = queue.aged_time(head)
             if best is None or aged < best_time:
                 best, best_time = queue, aged
         return best

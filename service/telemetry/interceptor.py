@@ -12,6 +12,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from embedserve.service.api.handlers import WrappedHandlers
 from embedserve.service.telemetry.metrics import ServerMetrics
 
 _TRACED_PREFIX = "/embedserve."
@@ -30,6 +31,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self._tracer = tracer
         self._metrics = metrics
         self._default_models = default_models
+        self._handlers: dict[str, WrappedHandlers] = {}
 
     async def intercept_service(
         self,
@@ -42,34 +44,41 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             return handler  # health checks and reflection are not traced
         if self._tracer is None and self._metrics is None:
             return handler
-        call = _Call(self, method, handler_call_details.invocation_metadata)
+        handlers = self._handlers.get(method)
+        if handlers is None:
+            handlers = self._handlers[method] = WrappedHandlers(_Method(self, method).wrap)
+        return handlers.get(handler)
+
+
+class _Method:
+    """What the interceptor adds to one RPC method: its span and its metrics."""
+
+    def __init__(self, owner: TelemetryInterceptor, method: str) -> None:
+        self.owner = owner
+        self.name = method[1:]
+        self.service, _, self.rpc = self.name.partition("/")
+
+    def wrap(self, handler: Any) -> Any:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                call.wrap_unary(handler.unary_unary),
+                self.wrap_unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                call.wrap_stream(handler.stream_stream),
+                self.wrap_stream(handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-
-class _Call:
-    def __init__(self, owner: TelemetryInterceptor, method: str, metadata: Any) -> None:
-        self.owner = owner
-        self.name = method[1:]
-        self.service, _, self.rpc = self.name.partition("/")
-        self.metadata = metadata or ()
-
-    def _start(self) -> tuple[trace.Span | None, object | None]:
+    def _start(self, context: Any) -> tuple[trace.Span | None, object | None]:
         tracer = self.owner._tracer
         if tracer is None:
             return None, None
-        carrier = {key: value for key, value in self.metadata if isinstance(value, str)}
+        metadata = context.invocation_metadata() or ()
+        carrier = {key: value for key, value in metadata if isinstance(value, str)}
         parent = propagate.extract(carrier)
         span = tracer.start_span(
             self.name,
@@ -111,7 +120,7 @@ class _Call:
     ) -> Callable[[Any, Any], Awaitable[Any]]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            span, token = self._start()
+            span, token = self._start(context)
             code = grpc.StatusCode.UNKNOWN
             model = getattr(request, "model", "")
             try:
@@ -134,7 +143,7 @@ class _Call:
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            span, token = self._start()
+            span, token = self._start(context)
             code = grpc.StatusCode.UNKNOWN
             try:
                 async for response in inner(requests, context):

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from embedserve.service.engine.work import Lane
 
 if TYPE_CHECKING:
+    from embedserve.service.cache.front import EmbeddingCache
     from embedserve.service.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
@@ -79,11 +80,16 @@ class ServerMetrics:
         )
         self._engines = _EngineCollector(version)
         self.registry.register(self._engines)
+        self._caches = _CacheCollector()
+        self.registry.register(self._caches)
 
     def watch(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._engines.engines.append(engine)
         if loop is not None:
             self._engines.loop = loop
+
+    def watch_cache(self, cache: EmbeddingCache) -> None:
+        self._caches.caches.append(cache)
 
     def observe_batch(
         self, model: str, size: int, tokens: int, padded_tokens: int, seconds: float
@@ -200,6 +206,59 @@ class _EngineCollector(Collector):
             failures,
             info,
         )
+
+
+class _CacheCollector(Collector):
+    """Reads the embedding caches' counters and sizes at scrape time."""
+
+    def __init__(self) -> None:
+        self.caches: list[EmbeddingCache] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if not self.caches:
+            return
+        hits = CounterMetricFamily(
+            "embedserve_cache_hits",
+            "Distinct inputs of a request found in the embedding cache, by tier (memory, redis).",
+            labels=["model", "tier"],
+        )
+        misses = CounterMetricFamily(
+            "embedserve_cache_misses",
+            "Distinct inputs of a request found in no cache tier (then computed).",
+            labels=["model"],
+        )
+        size = GaugeMetricFamily(
+            "embedserve_cache_bytes",
+            "Bytes held by the in-process cache tier (vectors, keys and bookkeeping).",
+            labels=["model"],
+        )
+        entries = GaugeMetricFamily(
+            "embedserve_cache_entries", "Entries in the in-process cache tier.", labels=["model"]
+        )
+        evictions = CounterMetricFamily(
+            "embedserve_cache_evictions",
+            "Entries the in-process tier dropped to stay within --cache-bytes.",
+            labels=["model"],
+        )
+        errors = CounterMetricFamily(
+            "embedserve_cache_errors",
+            "Failed cache operations (answered by computing instead), by backend.",
+            labels=["model", "backend"],
+        )
+        for cache in self.caches:
+            model = cache.model
+            hits.add_metric([model, "memory"], cache.hits_memory)
+            hits.add_metric([model, "redis"], cache.hits_redis)
+            misses.add_metric([model], cache.misses)
+            memory = cache.memory
+            size.add_metric([model], memory.bytes if memory is not None else 0)
+            entries.add_metric([model], len(memory) if memory is not None else 0)
+            evictions.add_metric([model], memory.evictions if memory is not None else 0)
+            errors.add_metric([model, "redis"], cache.redis.errors if cache.redis else 0)
+        yield from (hits, misses, size, entries, evictions, errors)
 
 
 def _count_tasks(loop: asyncio.AbstractEventLoop) -> int:

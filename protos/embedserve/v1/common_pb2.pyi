@@ -125,22 +125,33 @@ class Usage(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TRUNCATED_INPUTS_FIELD_NUMBER: _builtins.int
+    CACHED_INPUTS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
-    """Tokens fed to the model, after templates and truncation."""
+    """Tokens fed to the model, after templates and truncation. Inputs answered from the
+    embedding cache count the tokens they had when they were computed, so this does not
+    depend on the cache.
+    """
     inputs: _builtins.int
     """Number of inputs (texts or query-document pairs)."""
     truncated_inputs: _builtins.int
     """Number of inputs that were truncated to fit the model."""
+    cached_inputs: _builtins.int
+    """Number of inputs answered from the server's embedding cache (--cache-bytes,
+    --cache-redis-url) without being computed; 0 when the cache is off. A repeat of a
+    text computed in the same request is not counted. For Rerank by embedding
+    similarity it counts documents; dedicated rerankers are not cached.
+    """
     def __init__(
         self,
         *,
         input_tokens: _builtins.int = ...,
         inputs: _builtins.int = ...,
         truncated_inputs: _builtins.int = ...,
+        cached_inputs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "inputs", b"inputs", "truncated_inputs", b"truncated_inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_inputs", b"cached_inputs", "input_tokens", b"input_tokens", "inputs", b"inputs", "truncated_inputs", b"truncated_inputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from embedserve.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -132,6 +133,7 @@ class BatchingLimits(_message.Message):
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _builtins.int
     STREAM_WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_DELAY_FIELD_NUMBER: _builtins.int
     max_batch_tokens: _builtins.int
     """Token budget of one forward pass, padding included."""
     max_batch_size: _builtins.int
@@ -142,6 +144,12 @@ class BatchingLimits(_message.Message):
     """Tokens the interactive lane may hold before calls get RESOURCE_EXHAUSTED."""
     stream_window: _builtins.int
     """Items a stream may have in flight before the server stops reading it."""
+    @_builtins.property
+    def max_queue_delay(self) -> _duration_pb2.Duration:
+        """Longest expected queue wait an interactive call is admitted into. Unset when
+        admission by expected wait is off (only max_queue_tokens applies).
+        """
+
     def __init__(
         self,
         *,
@@ -150,12 +158,15 @@ class BatchingLimits(_message.Message):
         max_inputs_per_request: _builtins.int = ...,
         max_queue_tokens: _builtins.int = ...,
         stream_window: _builtins.int = ...,
+        max_queue_delay: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay", "max_queue_delay", b"max_queue_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_tokens", b"max_queue_tokens", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_delay", b"max_queue_delay", "max_queue_tokens", b"max_queue_tokens", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_queue_delay: _TypeAlias = _typing.Literal["max_queue_delay"]  # noqa: Y015
+    _WhichOneofArgType__max_queue_delay: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_queue_delay) -> _WhichOneofReturnType__max_queue_delay | None: ...
 
 Global___BatchingLimits: _TypeAlias = BatchingLimits  # noqa: Y015
 
