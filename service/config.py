@@ -24,7 +24,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
-    forward_nice: int = 5
+    forward_nice: int = 0
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
     max_inputs: int = 512

@@ -341,9 +341,13 @@ def rejection_of(future: grpc.Future) -> grpc.RpcError:  # type: ignore[type-arg
 
 def test_calls_past_the_expected_wait_are_refused_at_once(qwen3_embedding_folder: Path) -> None:
     # A 1 ms budget: whatever the measured rate, one queued call is more than 1 ms of work
-    # for the next, while a call into an empty queue is always admitted.
+    # for the next, while a call into an empty queue is always admitted. Batches of 4
+    # sequences, so that the second call does not fit in the next batch with the first.
     with serving(
-        model=qwen3_embedding_folder, max_input_tokens=MAX_INPUT_TOKENS, max_queue_delay_ms=1
+        model=qwen3_embedding_folder,
+        max_input_tokens=MAX_INPUT_TOKENS,
+        max_queue_delay_ms=1,
+        max_batch_size=4,
     ) as server:
         engine = engine_of(server)
         assert server.call(lambda: engine.drain_rate.tokens_per_s) is not None, (
@@ -362,6 +366,22 @@ def test_calls_past_the_expected_wait_are_refused_at_once(qwen3_embedding_folder
             assert status is not None
             assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
             assert queued(server, Lane.INTERACTIVE)[0] == 4  # nothing of it was queued
+        assert len(first.result(timeout=60).embeddings) == 4
+
+
+def test_a_call_that_fits_in_the_next_batch_is_admitted(qwen3_embedding_folder: Path) -> None:
+    # The same 1 ms budget, with room for both calls in one batch of 64: the second waits
+    # for the running batch only, so it is admitted however slow the drain rate says it is.
+    with serving(
+        model=qwen3_embedding_folder, max_input_tokens=MAX_INPUT_TOKENS, max_queue_delay_ms=1
+    ) as server:
+        with held(server):
+            first = server.stubs.embed.Embed.future(embed_request([LONG_TEXT] * 4), timeout=60)
+            wait_until(settled(server, first, 4), what="the first call to be queued")
+            second = server.stubs.embed.Embed.future(embed_request(SHORT_TEXTS), timeout=60)
+            wait_until(settled(server, second, 8), what="the second call to be queued")
+            assert not second.done(), second.exception()
+        assert len(second.result(timeout=60).embeddings) == len(SHORT_TEXTS)
         assert len(first.result(timeout=60).embeddings) == 4
 
 

@@ -146,9 +146,9 @@ class Engine:
     def queued_sequences(self, lane: Lane) -> int:
         return self._scheduler.queued_sequences(lane)
 
-    def check_admission(self, lane: Lane, tokens: int = 0) -> None:
-        """Raise Overloaded if an interactive request of ``tokens`` would overflow the
-        queue's token bound, or would wait longer than ``max_queue_delay_s``.
+    def check_admission(self, lane: Lane, tokens: int = 0, sequences: int = 0) -> None:
+        """Raise Overloaded if an interactive request of ``tokens`` in ``sequences`` would
+        overflow the queue's token bound, or would wait longer than ``max_queue_delay_s``.
 
         Called once before tokenizing (with 0, to shed load cheaply) and again after.
         """
@@ -166,7 +166,9 @@ class Engine:
             )
         max_delay = self.limits.max_queue_delay_s
         # An empty queue always admits: one request alone is never refused for its size.
-        wait = self.drain_rate.seconds_for(queued + tokens) if queued and max_delay else None
+        if not max_delay or not queued or self._fits_next_batch(queued + tokens, sequences):
+            return
+        wait = self.drain_rate.seconds_for(queued + tokens)
         if wait is not None and wait > max_delay:
             self.stats.requests_rejected += 1
             raise Overloaded(
@@ -194,10 +196,10 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         tokens = sum(len(s) for s in sequences)
-        self.check_admission(lane, tokens)
+        self.check_admission(lane, tokens, len(sequences))
         if lane is Lane.BULK:
             await self._wait_for_bulk_space(tokens)
-            self.check_admission(lane, tokens)
+            self.check_admission(lane, tokens, len(sequences))
         request = WorkRequest(sequences, lane, deadline, loop.time(), loop.create_future())
         self.telemetry.request_queued(request, detailed_trace)
         self._scheduler.enqueue(request)
@@ -220,6 +222,21 @@ class Engine:
         return ComputeResult(outputs, first - request.enqueued_at, request.inference_s)
 
     # -- internals -----------------------------------------------------------------
+
+    def _fits_next_batch(self, tokens: int, sequences: int) -> bool:
+        """Whether the whole interactive queue, this call included, fits in one batch.
+
+        Such a call waits for the batch already running and nothing else, so refusing it
+        would gain nothing. It also keeps admission stable: under CPU contention (callers
+        retrying refusals at once, say) the measured drain rate falls, and without this a
+        falling rate would refuse even a queue of a few sentences, whose refusals cost more
+        CPU, and so on down.
+        """
+        queued_sequences = self._scheduler.queued_sequences(Lane.INTERACTIVE)
+        return (
+            queued_sequences + sequences <= self.limits.max_batch_size
+            and tokens <= self.limits.max_batch_tokens
+        )
 
     def _retry_hint(self) -> float:
         """How long the interactive queue takes to drain at the measured throughput."""
