@@ -15,6 +15,9 @@ from typing import Any
 
 from bench.stats import median, ratio
 
+# The servers of the overload scenario: the default, then its A/B variants.
+OVERLOAD_SERVERS = ("embedserve", "token-bound-only", "forward-nice")
+
 Json = dict[str, Any]
 
 
@@ -107,7 +110,7 @@ def headline(results: Json) -> Json:
         h["interactive_idle_p99_ms"] = inter["idle"]["latency_ms"]["p99"]
         h["interactive_bulk_p99_ms"] = inter["during_bulk"]["latency_ms"]["p99"]
     over = s.get("overload", {})
-    for name in ("embedserve", "token-bound-only", "forward-nice"):
+    for name in OVERLOAD_SERVERS:
         if name in over:
             o = over[name]
             key = "overload" if name == "embedserve" else "overload_" + name.replace("-", "_")
@@ -410,7 +413,7 @@ def markdown(results: Json) -> str:
     over = s.get("overload")
     if over:
         out += ["", "## Overload at 4x capacity (open loop, Poisson)", "", LAT_HEADER]
-        for name in ("embedserve", "token-bound-only", "forward-nice"):
+        for name in OVERLOAD_SERVERS:
             if name in over:
                 o = over[name]
                 out.append(_lat_row(f"{name}: at capacity (c=64)", o["at_capacity"]))

@@ -534,7 +534,7 @@ class Suite:
 
     def run_overload(self) -> None:
         scen: dict[str, Any] = {}
-        for name in ("embedserve", "token-bound-only", "forward-nice"):
+        for name in report.OVERLOAD_SERVERS:
             server = self.services.get(name)
             if server is None:
                 continue
@@ -612,11 +612,14 @@ class Suite:
 
     def run_levers(self) -> None:
         es = self.services["embedserve"]
-        fewer = self.services.get("threads-fewer")
-        passive = self.services.get("omp-passive")
-        batch32 = self.services.get("batch-32")
         scen: dict[str, Any] = {"rounds": [], "fewer_threads": max(1, self.threads - 1)}
-        nice = self.services.get("forward-nice")
+        # (key in the results, label, server): each variant is a server of its own.
+        variants = [
+            ("threads_fewer", f"--threads {scen['fewer_threads']}", "threads-fewer"),
+            ("omp_passive", "OMP_WAIT_POLICY=PASSIVE", "omp-passive"),
+            ("forward_nice", f"--forward-nice {FORWARD_NICE}", "forward-nice"),
+            ("batch_32", "--max-batch-size 32", "batch-32"),
+        ]
         for r in range(max(2, self.rounds - 1)):
             row = {
                 "bytes": self.load(
@@ -628,30 +631,12 @@ class Suite:
                     es,
                 ),
             }
-            if fewer is not None:
-                row["threads_fewer"] = self.load(
-                    f"round {r} --threads {scen['fewer_threads']} c=64",
-                    self.spec(fewer.address, concurrency=64),
-                    fewer,
-                )
-            if passive is not None:
-                row["omp_passive"] = self.load(
-                    f"round {r} OMP_WAIT_POLICY=PASSIVE c=64",
-                    self.spec(passive.address, concurrency=64),
-                    passive,
-                )
-            if nice is not None:
-                row["forward_nice"] = self.load(
-                    f"round {r} --forward-nice {FORWARD_NICE} c=64",
-                    self.spec(nice.address, concurrency=64),
-                    nice,
-                )
-            if batch32 is not None:
-                row["batch_32"] = self.load(
-                    f"round {r} --max-batch-size 32 c=64",
-                    self.spec(batch32.address, concurrency=64),
-                    batch32,
-                )
+            for key, label, name in variants:
+                server = self.services.get(name)
+                if server is not None:
+                    row[key] = self.load(
+                        f"round {r} {label} c=64", self.spec(server.address, concurrency=64), server
+                    )
             scen["rounds"].append(row)
         self.results["scenarios"]["levers"] = scen
 

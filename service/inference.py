@@ -7,7 +7,7 @@ transport never sees token ids; the engine never sees texts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,21 @@ class Outcome:
     inference_s: float
     # Inputs answered from the embedding cache, without tokenizing or computing them.
     cached_inputs: int = 0
+
+
+async def _tokenize(
+    engine: Engine,
+    scheduling: Scheduling,
+    inputs: int,
+    job: Callable[[], list[TokenizedInput]],
+) -> tuple[list[TokenizedInput], float]:
+    """Admission first, to shed load before spending CPU on it; then ``job`` on the
+    tokenizer thread, in a span."""
+    engine.check_admission(scheduling.lane)
+    with engine.telemetry.span(
+        "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": inputs}
+    ):
+        return await engine.tokenize(job)
 
 
 async def _run(
@@ -90,13 +105,12 @@ class EmbeddingModel:
         prefix = "" if instruction is None else self.adapter.query_prefix(instruction)
         if self.cache is not None:
             return await self._embed_cached(self.cache, texts, prefix, truncation, scheduling)
-        self.engine.check_admission(scheduling.lane)
-        with self.engine.telemetry.span(
-            "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(texts)}
-        ):
-            tokenized, seconds = await self.engine.tokenize(
-                lambda: self.adapter.tokenize(texts, prefix, truncation)
-            )
+        tokenized, seconds = await _tokenize(
+            self.engine,
+            scheduling,
+            len(texts),
+            lambda: self.adapter.tokenize(texts, prefix, truncation),
+        )
         return await _run(self.engine, tokenized, seconds, scheduling)
 
     async def _embed_cached(
@@ -125,30 +139,24 @@ class EmbeddingModel:
         missing = [slot for slot, entry in enumerate(found) if entry is None]
         tokenize_s = queue_s = inference_s = 0.0
         if missing:
-            self.engine.check_admission(scheduling.lane)
             todo = [texts[first_input[slot]] for slot in missing]
-            with self.engine.telemetry.span(
-                "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(todo)}
-            ):
-                try:
-                    tokenized, tokenize_s = await self.engine.tokenize(
-                        lambda: self.adapter.tokenize(todo, prefix, truncation)
-                    )
-                except InputTooLongError as exc:
-                    if exc.index is None:
-                        raise
-                    # Name the input in the request, not in the list of misses.
-                    index = first_input[missing[exc.index]]
-                    raise InputTooLongError(index, exc.tokens, exc.limit) from exc
-            result = await self.engine.compute(
-                [t.ids for t in tokenized],
-                scheduling.lane,
-                scheduling.deadline,
-                detailed_trace=scheduling.detailed_trace,
-            )
+            try:
+                tokenized, tokenize_s = await _tokenize(
+                    self.engine,
+                    scheduling,
+                    len(todo),
+                    lambda: self.adapter.tokenize(todo, prefix, truncation),
+                )
+            except InputTooLongError as exc:
+                if exc.index is None:
+                    raise
+                # Name the input in the request, not in the list of misses.
+                index = first_input[missing[exc.index]]
+                raise InputTooLongError(index, exc.tokens, exc.limit) from exc
+            result = await _run(self.engine, tokenized, tokenize_s, scheduling)
             queue_s, inference_s = result.queue_s, result.inference_s
             computed: list[tuple[bytes, CachedVector]] = []
-            for slot, item, row in zip(missing, tokenized, result.outputs, strict=True):
+            for slot, item, row in zip(missing, tokenized, result.values, strict=True):
                 entry = CachedVector.of(row, len(item.ids), item.truncated)
                 found[slot] = entry
                 computed.append((distinct[slot], entry))
@@ -215,14 +223,13 @@ class ModelReranker(Reranker):
         truncation: Truncation,
         scheduling: Scheduling,
     ) -> Outcome:
-        self.engine.check_admission(scheduling.lane)
         chosen = self.default_instruction if instruction is None else instruction
-        with self.engine.telemetry.span(
-            "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": len(documents)}
-        ):
-            tokenized, seconds = await self.engine.tokenize(
-                lambda: self.adapter.tokenize_pairs(query, documents, chosen, truncation)
-            )
+        tokenized, seconds = await _tokenize(
+            self.engine,
+            scheduling,
+            len(documents),
+            lambda: self.adapter.tokenize_pairs(query, documents, chosen, truncation),
+        )
         return await _run(self.engine, tokenized, seconds, scheduling)
 
 

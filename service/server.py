@@ -113,7 +113,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
             reranker, _engine(reranker, limits, telemetry, config.forward_nice)
         )
         registry.default_reranker = reranker_name
-    install_caches(registry, config, telemetry)  # an unusable Redis URL: ValueError
+    install_caches(registry, config, folder, telemetry)  # an unusable Redis URL: ValueError
     return registry
 
 

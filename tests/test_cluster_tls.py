@@ -20,7 +20,7 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_envoy import free_port
+from test_envoy import alive, free_port, read_lines
 from test_security import issue, make_ca
 
 from embedserve.client import Client, UnavailableError
@@ -207,18 +207,6 @@ class RunningCluster:
         return event
 
 
-def _read_lines(stream: Any, into: queue.Queue[str]) -> None:
-    for line in stream:
-        into.put(line)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @contextmanager
 def cluster_running(
     model: Path, tmp_path: Path, replicas: int, *flags: str
@@ -244,7 +232,7 @@ def cluster_running(
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
         lines: queue.Queue[str] = queue.Queue()
         assert process.stdout is not None
-        threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
         children: list[int] = []
         try:
             yield RunningCluster(process, lines, admin_port)
@@ -254,7 +242,7 @@ def cluster_running(
                 process.kill()
                 process.wait(10)
             for pid in children:
-                if _alive(pid):
+                if alive(pid):
                     os.kill(pid, signal.SIGKILL)
 
 
@@ -344,7 +332,7 @@ def test_cluster_with_mutual_tls_on_both_hops(
         cluster.process.send_signal(signal.SIGTERM)
         assert cluster.process.wait(60) == 0
         assert cluster.event(timeout=5) == {"event": "stopped", "code": 0}
-        assert [pid for pid in pids if _alive(pid)] == []
+        assert [pid for pid in pids if alive(pid)] == []
 
 
 @pytest.mark.slow

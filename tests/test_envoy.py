@@ -658,12 +658,12 @@ def test_strict_dns_mode_serves(slow_trio: list[ServerProcess], tmp_path: Path) 
 # --- embedserve cluster -------------------------------------------------------------------------
 
 
-def _read_lines(stream: Any, into: queue.Queue[str]) -> None:
+def read_lines(stream: Any, into: queue.Queue[str]) -> None:
     for line in stream:
         into.put(line)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -697,7 +697,7 @@ def test_cluster_command_serves_and_leaves_nothing_behind(
     cluster = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     lines: queue.Queue[str] = queue.Queue()
     assert cluster.stdout is not None
-    threading.Thread(target=_read_lines, args=(cluster.stdout, lines), daemon=True).start()
+    threading.Thread(target=read_lines, args=(cluster.stdout, lines), daemon=True).start()
     pids: list[int] = []
     try:
         ready = json.loads(lines.get(timeout=240))
@@ -720,13 +720,13 @@ def test_cluster_command_serves_and_leaves_nothing_behind(
         assert cluster.wait(60) == 0
         print(f"cluster stopped {time.monotonic() - started:.2f} s after SIGTERM")
         assert json.loads(lines.get(timeout=5)) == {"event": "stopped", "code": 0}
-        assert [pid for pid in [*pids, *children] if _alive(pid)] == []
+        assert [pid for pid in [*pids, *children] if alive(pid)] == []
     finally:
         if cluster.poll() is None:
             cluster.kill()
             cluster.wait(10)
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         stderr.close()
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from embedserve.service.cache.front import EmbeddingCache
 from embedserve.service.cache.keys import KeyBuilder, model_fingerprint
 from embedserve.service.cache.memory import MemoryLRU
 from embedserve.service.config import ServerConfig
-from embedserve.service.models.loading import default_model_folder
 from embedserve.service.registry import ModelRegistry
 from embedserve.service.telemetry.setup import DISABLED, Telemetry
 
@@ -16,11 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def install_caches(
-    registry: ModelRegistry, config: ServerConfig, telemetry: Telemetry = DISABLED
+    registry: ModelRegistry, config: ServerConfig, folder: Path, telemetry: Telemetry = DISABLED
 ) -> None:
-    """Give each served embedding model its cache, when ``--cache-bytes`` or
-    ``--cache-redis-url`` asks for one. Raises ValueError for an unusable Redis URL (a
-    configuration error: exit code 2); a Redis that does not answer is only a warning."""
+    """Give each served embedding model (loaded from ``folder``) its cache, when
+    ``--cache-bytes`` or ``--cache-redis-url`` asks for one. Raises ValueError for an
+    unusable Redis URL (a configuration error: exit code 2); a Redis that does not answer
+    is only a warning."""
     url = config.cache_redis_url or None
     if config.cache_bytes <= 0 and url is None:
         return
@@ -38,7 +39,6 @@ def install_caches(
                 "redis cache does not answer; serving without it until it does",
                 extra={"redis": where, "error": f"{type(error).__name__}: {error}"},
             )
-    folder = config.model if config.model is not None else default_model_folder()
     for name, model in registry.embedders.items():
         adapter = model.adapter
         fingerprint = model_fingerprint(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 from opentelemetry.trace import Span
@@ -91,21 +91,20 @@ class Engine:
         """Warm up with a full-size batch, then start batching."""
         if warmup:
             batch = self._warmup_batch()
-            started = time.perf_counter()
-            await asyncio.get_running_loop().run_in_executor(
-                self._forward_thread, self._runner.run, batch
+            _, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._forward_thread, self._timed_forward, batch
             )
             # A full batch of the longest inputs: a conservative first drain rate, so that
             # admission by expected wait works from the first request.
             tokens = sum(len(s) for s in batch)
-            self.drain_rate.observe(tokens, tokens, len(batch), time.perf_counter() - started)
+            self.drain_rate.observe(tokens, tokens, len(batch), seconds)
             log.info(
                 "warm-up done",
                 extra={
                     "model": self.adapter.name,
                     "batch_size": len(batch),
-                    "batch_tokens": sum(len(s) for s in batch),
-                    "seconds": round(time.perf_counter() - started, 3),
+                    "batch_tokens": tokens,
+                    "seconds": round(seconds, 3),
                 },
             )
         self._loop_task = asyncio.create_task(
@@ -159,22 +158,16 @@ class Engine:
         queued = self._scheduler.queued_tokens(lane)
         limit = self.limits.max_queue_tokens
         if queued + tokens > limit or (tokens == 0 and queued >= limit):
-            self.stats.requests_rejected += 1
-            raise Overloaded(
-                f"the {lane.value} queue holds {queued} tokens (limit {limit})",
-                self._retry_hint(),
-            )
+            self._refuse(f"the {lane.value} queue holds {queued} tokens (limit {limit})")
         max_delay = self.limits.max_queue_delay_s
         # An empty queue always admits: one request alone is never refused for its size.
         if not max_delay or not queued or self._fits_next_batch(queued + tokens, sequences):
             return
         wait = self.drain_rate.seconds_for(queued + tokens)
         if wait is not None and wait > max_delay:
-            self.stats.requests_rejected += 1
-            raise Overloaded(
+            self._refuse(
                 f"the {lane.value} queue is {wait * 1000:.0f} ms of work "
-                f"(limit {max_delay * 1000:.0f} ms)",
-                self._retry_hint(),
+                f"(limit {max_delay * 1000:.0f} ms)"
             )
 
     async def tokenize(self, job: Callable[[], T]) -> tuple[T, float]:
@@ -237,6 +230,10 @@ class Engine:
             queued_sequences + sequences <= self.limits.max_batch_size
             and tokens <= self.limits.max_batch_tokens
         )
+
+    def _refuse(self, why: str) -> NoReturn:
+        self.stats.requests_rejected += 1
+        raise Overloaded(why, self._retry_hint())
 
     def _retry_hint(self) -> float:
         """How long the interactive queue takes to drain at the measured throughput."""
