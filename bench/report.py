@@ -16,9 +16,18 @@ from typing import Any
 from bench.stats import median, ratio
 
 # The servers of the overload scenario: the default, then its A/B variants.
-OVERLOAD_SERVERS = ("embedserve", "token-bound-only", "forward-nice")
+# The overload A/B: server name in bench/run.py -> what its admission is.
+OVERLOAD_SERVERS = {
+    "embedserve": "default admission",
+    "grpc-backlog": "gRPC's default pending-call bound (--max-pending-calls 0)",
+    "token-bound-only": "token bound only (the first run's admission)",
+}
 
 Json = dict[str, Any]
+
+
+def _overload_key(server: str) -> str:
+    return "overload" if server == "embedserve" else "overload_" + server.replace("-", "_")
 
 
 def _rounds(scen: Json, key: str) -> list[Json]:
@@ -113,7 +122,7 @@ def headline(results: Json) -> Json:
     for name in OVERLOAD_SERVERS:
         if name in over:
             o = over[name]
-            key = "overload" if name == "embedserve" else "overload_" + name.replace("-", "_")
+            key = _overload_key(name)
             h[f"{key}_capacity_p99_ms"] = o["at_capacity"]["latency_ms"]["p99"]
             h[f"{key}_admitted_p99_ms"] = o["overload_4x"]["latency_ms"]["p99"]
             h[f"{key}_goodput_rps"] = o["overload_4x"]["rps"]
@@ -123,6 +132,10 @@ def headline(results: Json) -> Json:
             h[f"{key}_measured"] = o["overload_4x"]["measured"]
             h[f"{key}_reject_p50_ms"] = rej["p50"] if rej else None
             h[f"{key}_reject_p99_ms"] = rej["p99"] if rej else None
+            # Calls gRPC's core shed before Python saw them (--max-pending-calls).
+            shed = o["overload_4x"]["error_latency_ms"].get("CANCELLED")
+            h[f"{key}_shed"] = o["overload_4x"]["errors"].get("CANCELLED", 0)
+            h[f"{key}_shed_p99_ms"] = shed["p99"] if shed else None
     cache = s.get("cache_repeats", {})
     on, off = _rounds(cache, "cache_on"), _rounds(cache, "cache_off")
     if on and off:
@@ -222,11 +235,8 @@ def targets(h: Json) -> list[Json]:
             f"<= idle p99 + max forward ({limit:.0f} ms)",
             h["interactive_bulk_p99_ms"] <= limit,
         )
-    for key, label in (
-        ("overload", "default admission"),
-        ("overload_token_bound_only", "token bound only (the first run's admission)"),
-        ("overload_forward_nice", "--forward-nice 5 (the event loop ahead of torch)"),
-    ):
+    for name, label in OVERLOAD_SERVERS.items():
+        key = _overload_key(name)
         if f"{key}_admitted_p99_ms" not in h:
             continue
         admitted = h[f"{key}_admitted_p99_ms"]
@@ -242,11 +252,19 @@ def targets(h: Json) -> list[Json]:
             f"Overload 4x ({label}): RESOURCE_EXHAUSTED comes back fast",
             "no rejection"
             if rej is None
-            else f"p99 {rej:.1f} ms ({h[f'{key}_rejected']} of {h[f'{key}_measured']} calls)",
+            else f"p99 {rej:.1f} ms ({h[f'{key}_rejected']} of {h[f'{key}_measured']} calls)"
+            + _shed_note(h, key),
             f"p99 <= {FAST_REJECTION_MS:.0f} ms",
             None if rej is None else rej <= FAST_REJECTION_MS,
         )
     return rows
+
+
+def _shed_note(h: Json, key: str) -> str:
+    shed, p99 = h.get(f"{key}_shed", 0), h.get(f"{key}_shed_p99_ms")
+    if not shed or p99 is None:
+        return ""
+    return f"; and {shed} shed by gRPC's core as CANCELLED, p99 {p99:.1f} ms"
 
 
 def _pf(ok: bool | None) -> str:
@@ -602,12 +620,9 @@ def plots(results: Json, out: Path) -> list[Path]:
     if inter:
         bars += [("interactive idle", inter["idle"]), ("interactive +bulk", inter["during_bulk"])]
     over = s.get("overload", {})
-    for name, label in (
-        ("embedserve", "overload 4x"),
-        ("token-bound-only", "overload 4x token bound only"),
-        ("forward-nice", "overload 4x --forward-nice 5"),
-    ):
+    for name in OVERLOAD_SERVERS:
         if name in over:
+            label = "overload 4x" if name == "embedserve" else f"overload 4x {name}"
             bars.append((label, over[name]["overload_4x"]))
     if s.get("rerank"):
         bars.append(("rerank 1x100 c=4", s["rerank"]["c4"]))

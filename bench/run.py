@@ -34,7 +34,7 @@ from bench import profile as profiling
 from bench import texts as corpus
 from bench.loadgen import BulkSpec, LoadSpec, bulk_result, run_load, start_bulk
 
-# The forward thread's nice value in the A/B runs (overload and levers); the default is 0.
+# The forward thread's nice value in the levers A/B; the default is 0.
 FORWARD_NICE = 5
 
 ALL_SCENARIOS = (
@@ -184,16 +184,27 @@ class Suite:
         if self.wants("bulk"):
             wanted["bulk-20k"] = lambda: procs.start_embedserve("bulk-20k", log_dir, threads)
         if self.wants("overload"):
-            # The admission of the first reference run, for an A/B in the same run: the
-            # token bound only, no expected-wait admission, no concurrent-call limit.
+            # For an A/B in the same run: the admission of the first reference run (the
+            # token bound only: no expected-wait admission, no concurrent-call limit, gRPC's
+            # own pending-call bound), and today's with gRPC's pending-call bound.
             wanted["token-bound-only"] = lambda: procs.start_embedserve(
                 "token-bound-only",
                 log_dir,
                 threads,
-                ["--max-queue-delay-ms", "0", "--max-concurrent-rpcs", "0"],
+                [
+                    "--max-queue-delay-ms",
+                    "0",
+                    "--max-concurrent-rpcs",
+                    "0",
+                    "--max-pending-calls",
+                    "0",
+                ],
+            )
+            wanted["grpc-backlog"] = lambda: procs.start_embedserve(
+                "grpc-backlog", log_dir, threads, ["--max-pending-calls", "0"]
             )
 
-        if self.wants("overload", "levers"):
+        if self.wants("levers"):
             wanted["forward-nice"] = lambda: procs.start_embedserve(
                 "forward-nice", log_dir, threads, ["--forward-nice", str(FORWARD_NICE)]
             )

@@ -1,8 +1,12 @@
 """Retries: exponential backoff with full jitter, within the caller's deadline.
 
-Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried: both mean "this replica could not
-take the call", never "the call is wrong". A retry hint from the server (RetryInfo) is
-honoured when it is longer than the computed backoff.
+Only UNAVAILABLE, RESOURCE_EXHAUSTED and a CANCELLED that the server sent are retried: all
+three mean "this replica could not take the call", never "the call is wrong". A server
+cancels a call when its gRPC core sheds a flood before the server sees it
+(``--max-pending-calls``); a call this client cancels ends in ``asyncio.CancelledError``
+instead, and is never retried. Every embedserve call is idempotent, so a retry is safe
+even when the first attempt ran. A retry hint from the server (RetryInfo) is honoured
+when it is longer than the computed backoff.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class RetryPolicy:
         unsafe = self.retryable_codes - RETRYABLE
         if unsafe:
             raise ValueError(
-                f"only UNAVAILABLE and RESOURCE_EXHAUSTED may be retried, not {unsafe}"
+                f"only UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED may be retried, not {unsafe}"
             )
 
     def delay(self, attempt: int, hint: float | None, rng: random.Random) -> float:

@@ -31,6 +31,7 @@ class ServerConfig:
     max_queue_tokens: int = 65536
     max_queue_delay_ms: int = 500
     max_concurrent_rpcs: int = 1024
+    max_pending_calls: int = 256
     stream_window: int = 16
     bulk_aging_ms: int = 1000
     cache_bytes: int = 0
@@ -188,6 +189,15 @@ OPTIONS: tuple[Option, ...] = (
         "Calls (streams included) in progress at once; gRPC refuses more with "
         "RESOURCE_EXHAUSTED before any Python runs, so a flood cannot stall the server. "
         "0: no limit.",
+        _non_negative_int,
+    ),
+    Option(
+        "max_pending_calls",
+        "Calls gRPC may hold for the event loop to pick up. Past half of it, gRPC's core "
+        "cancels new calls at random (more as it fills), and past all of it every new call, "
+        "without any Python: a flood cannot queue seconds of calls in front of the loop. "
+        "Such a call fails with CANCELLED, which the Python client retries like "
+        "RESOURCE_EXHAUSTED. 0: gRPC's defaults (1000 and 3000).",
         _non_negative_int,
     ),
     Option(

@@ -175,6 +175,7 @@ class Server:
                 # Let clients keep idle connections alive without being told off.
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                *_pending_call_options(config.max_pending_calls),
             ],
         )
         settings = ApiSettings(
@@ -272,3 +273,20 @@ class Server:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in HEALTH_NAMES:
             await self.health.set(name, status)
+
+
+def _pending_call_options(max_pending_calls: int) -> list[tuple[str, int]]:
+    """gRPC core's bound on calls that have arrived but that the event loop has not taken.
+
+    grpc.aio takes one call from the core per turn of the event loop, so under a flood
+    the calls queue in the core, where no admission check can see them: with gRPC's
+    defaults (1000 and 3000) refusals were measured waiting 1 to 2 s there. Bounded, the core
+    sheds the excess itself, in microseconds, and what reaches Python is refused in
+    milliseconds (docs/benchmarks.md, "Overload").
+    """
+    if max_pending_calls <= 0:
+        return []
+    return [
+        ("grpc.server.max_pending_requests", max(1, max_pending_calls // 2)),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending_calls),
+    ]

@@ -241,6 +241,7 @@ def _scripted_server(servicer: _Scripted) -> tuple[grpc.Server, int]:
     [
         (grpc.StatusCode.UNAVAILABLE, True),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+        (grpc.StatusCode.CANCELLED, True),  # sent by the server: its core shed the call
         (grpc.StatusCode.INVALID_ARGUMENT, False),
         (grpc.StatusCode.INTERNAL, False),
         (grpc.StatusCode.DEADLINE_EXCEEDED, False),
@@ -248,7 +249,7 @@ def _scripted_server(servicer: _Scripted) -> tuple[grpc.Server, int]:
         (grpc.StatusCode.UNKNOWN, False),
     ],
 )
-def test_retries_only_on_unavailable_and_resource_exhausted(
+def test_retries_only_when_the_replica_could_not_take_the_call(
     code: grpc.StatusCode, retried: bool
 ) -> None:
     servicer = _Scripted(code)
@@ -295,5 +296,5 @@ def test_server_retry_hint_is_honoured_within_the_deadline() -> None:
 
 
 def test_retry_policy_refuses_unsafe_codes() -> None:
-    with pytest.raises(ValueError, match="only UNAVAILABLE and RESOURCE_EXHAUSTED"):
+    with pytest.raises(ValueError, match="only UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED"):
         RetryPolicy(retryable_codes=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))

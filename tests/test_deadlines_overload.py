@@ -413,3 +413,36 @@ def test_calls_past_the_concurrent_rpc_bound_are_refused(qwen3_embedding_folder:
         assert all(len(c.result(timeout=60).embeddings) == len(SHORT_TEXTS) for c in calls)
         # Once the bound has room again, calls are served.
         check_computes_exactly(server, ["again"])
+
+
+def test_a_flood_the_event_loop_cannot_take_is_shed_by_grpc_core(
+    qwen3_embedding_folder: Path,
+) -> None:
+    # With the event loop blocked, arriving calls can only wait in gRPC's core. Past
+    # --max-pending-calls the core cancels the excess at once, with the loop still
+    # blocked; the calls it kept are served once the loop runs again.
+    with serving(model=qwen3_embedding_folder, warmup=False, max_pending_calls=4) as server:
+        check_computes_exactly(server, ["warm"])
+        loop_free = threading.Event()
+        loop_blocked = threading.Event()
+
+        def block_the_loop() -> None:
+            loop_blocked.set()
+            loop_free.wait(60)
+
+        server._loop.call_soon_threadsafe(block_the_loop)
+        try:
+            assert loop_blocked.wait(10)
+            calls = [
+                server.stubs.embed.Embed.future(embed_request([f"text {n}"]), timeout=60)
+                for n in range(12)
+            ]
+            # At most 4 pending, and one taken by the loop's outstanding request.
+            wait_until(lambda: sum(c.done() for c in calls) >= 7, what="the core to shed")
+            shed = [c for c in calls if c.done()]
+            assert {c.code() for c in shed} == {grpc.StatusCode.CANCELLED}
+        finally:
+            loop_free.set()
+        kept = [c for c in calls if c not in shed]
+        assert kept, "the core kept none of the calls"
+        assert all(len(c.result(timeout=60).embeddings) == 1 for c in kept)
