@@ -15,8 +15,8 @@ from typing import Any
 
 from bench.stats import median, ratio
 
-# The servers of the overload scenario: the default, then its A/B variants.
-# The overload A/B: server name in bench/run.py -> what its admission is.
+# The servers of the overload scenario, the default first: name in bench/run.py -> what
+# its admission is.
 OVERLOAD_SERVERS = {
     "embedserve": "default admission",
     "grpc-backlog": "gRPC's default pending-call bound (--max-pending-calls 0)",

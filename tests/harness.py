@@ -83,8 +83,12 @@ class InProcessServer:
             except BaseException as exc:
                 done.set_exception(exc)
 
-        self._loop.call_soon_threadsafe(invoke)
+        self.schedule(invoke)
         return done.result(30)
+
+    def schedule(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the server's loop soon, without waiting for it."""
+        self._loop.call_soon_threadsafe(fn)
 
     @property
     def engines(self) -> list[Engine]:

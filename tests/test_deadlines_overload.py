@@ -430,7 +430,7 @@ def test_a_flood_the_event_loop_cannot_take_is_shed_by_grpc_core(
             loop_blocked.set()
             loop_free.wait(60)
 
-        server._loop.call_soon_threadsafe(block_the_loop)
+        server.schedule(block_the_loop)
         try:
             assert loop_blocked.wait(10)
             calls = [
