@@ -113,6 +113,9 @@ class _Recorder:
     cached: int = 0  # inputs the server answered from its embedding cache
     completed_in_window: int = 0
     sent: int = 0
+    # Open loop: how late this generator started each call after its scheduled arrival. On
+    # shared cores it is part of every latency measured from the arrival, the server's or not.
+    send_lag: list[float] = field(default_factory=list)
 
     def record(
         self, arrival: float, finished: float, code: str, inputs: int, tokens: int, cached: int = 0
@@ -314,6 +317,8 @@ async def _open(spec: LoadSpec, calls: list[Call], rec: _Recorder, end: float) -
     overflow = 0
 
     async def one(n: int, arrival: float) -> None:
+        if rec.window_start <= arrival <= rec.window_end:
+            rec.send_lag.append(loop.time() - arrival)
         code, inputs, tokens, cached = await calls[n % len(calls)](n)
         rec.record(arrival, loop.time(), code, inputs, tokens, cached)
 
@@ -392,6 +397,7 @@ async def run_spec(spec: LoadSpec, start_at: float | None = None) -> dict[str, A
         "cached": rec.cached,
         "completed_in_window": rec.completed_in_window,
         "sent": rec.sent,
+        "send_lag": rec.send_lag,
         "client_cpu_s": time.process_time() - cpu_started,
     }
 
@@ -429,6 +435,8 @@ def finish(spec: LoadSpec, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "client_cpu_s": sum(p.get("client_cpu_s", 0.0) for p in parts),
         "sent_total": sum(p["sent"] for p in parts),
     }
+    if spec.mode == "open":
+        result["send_lag_ms"] = summary_ms([x for p in parts for x in p.get("send_lag", [])])
     if spec.keep_raw:
         result["raw_ok_s"] = ok
     return result

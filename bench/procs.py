@@ -249,7 +249,13 @@ def cluster_available() -> str | None:
     return None
 
 
-def start_cluster(out_dir: Path, replicas: int, threads_each: int) -> Service:
+def start_cluster(
+    out_dir: Path,
+    replicas: int,
+    threads_each: int,
+    flags: Sequence[str] = (),
+    name: str = "cluster",
+) -> Service:
     port, admin = free_port(), free_port()
     command = [
         sys.executable,
@@ -266,13 +272,14 @@ def start_cluster(out_dir: Path, replicas: int, threads_each: int) -> Service:
         str(admin),
         "--drain-delay-s",
         "0",
+        *flags,
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "cluster.log"
-    stdout_path = out_dir / "cluster.stdout"
+    log_path = out_dir / f"{name}.log"
+    stdout_path = out_dir / f"{name}.stdout"
     with open(log_path, "wb") as log, open(stdout_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=log, cwd=ROOT)
-    service = Service("cluster", process, log_path)
+    service = Service(name, process, log_path)
     service.info = {"stdout": str(stdout_path), "admin_port": admin, "replicas": replicas}
     service.address = f"127.0.0.1:{port}"
     return service

@@ -21,6 +21,10 @@ OVERLOAD_SERVERS = {
     "embedserve": "default admission",
     "grpc-backlog": "gRPC's default pending-call bound (--max-pending-calls 0)",
     "token-bound-only": "token bound only (the first run's admission)",
+    # `embedserve cluster` (bench/run.py OVERLOAD_CLUSTERS): 2 replicas behind Envoy.
+    "envoy": "Envoy, 2 replicas: Envoy refuses past 32 in flight a replica",
+    "envoy-64": "Envoy, 2 replicas, --replica-in-flight 64",
+    "envoy-unbounded": "Envoy, 2 replicas, no Envoy limit: the replicas refuse",
 }
 
 Json = dict[str, Any]
@@ -136,6 +140,8 @@ def headline(results: Json) -> Json:
             shed = o["overload_4x"]["error_latency_ms"].get("CANCELLED")
             h[f"{key}_shed"] = o["overload_4x"]["errors"].get("CANCELLED", 0)
             h[f"{key}_shed_p99_ms"] = shed["p99"] if shed else None
+            if o.get("envoy_refusal_ms", {}).get("count"):
+                h[f"{key}_envoy_refusal_p99_ms"] = o["envoy_refusal_ms"]["p99"]
     cache = s.get("cache_repeats", {})
     on, off = _rounds(cache, "cache_on"), _rounds(cache, "cache_off")
     if on and off:
@@ -261,10 +267,14 @@ def targets(h: Json) -> list[Json]:
 
 
 def _shed_note(h: Json, key: str) -> str:
+    note = ""
+    envoy_p99 = h.get(f"{key}_envoy_refusal_p99_ms")
+    if envoy_p99 is not None:
+        note += f"; Envoy's own time to refuse, from its access log: p99 {envoy_p99:.0f} ms"
     shed, p99 = h.get(f"{key}_shed", 0), h.get(f"{key}_shed_p99_ms")
-    if not shed or p99 is None:
-        return ""
-    return f"; and {shed} shed by gRPC's core as CANCELLED, p99 {p99:.1f} ms"
+    if shed and p99 is not None:
+        note += f"; and {shed} shed by gRPC's core as CANCELLED, p99 {p99:.1f} ms"
+    return note
 
 
 def _pf(ok: bool | None) -> str:
@@ -441,6 +451,19 @@ def markdown(results: Json) -> str:
                     out.append(
                         f"| {name}: RESOURCE_EXHAUSTED latency | | | {_fmt(rej['p50'])} | "
                         f"{_fmt(rej['p95'])} | {_fmt(rej['p99'])} | | |"
+                    )
+                lag = o["overload_4x"].get("send_lag_ms")
+                if lag and lag.get("count"):
+                    out.append(
+                        f"| {name}: the load generator's own send lag | | | {_fmt(lag['p50'])} | "
+                        f"{_fmt(lag['p95'])} | {_fmt(lag['p99'])} | | |"
+                    )
+                own = o.get("envoy_refusal_ms")
+                if own and own.get("count"):
+                    out.append(
+                        f"| {name}: Envoy's own refusal time (access log, whole ms) | | | "
+                        f"{_fmt(own['p50'])} | {_fmt(own['p95'])} | {_fmt(own['p99'])} | "
+                        f"{own['count']} refused | |"
                     )
 
     tele = s.get("telemetry")

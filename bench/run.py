@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,16 @@ from bench import procs, report
 from bench import profile as profiling
 from bench import texts as corpus
 from bench.loadgen import BulkSpec, LoadSpec, bulk_result, run_load, start_bulk
+from bench.stats import summary_ms
 
+# The Envoy side of the overload A/B: name (in report.OVERLOAD_SERVERS) -> `embedserve cluster`
+# flags. Envoy's in-flight limit (32 a replica), twice it, and none that a flood reaches.
+OVERLOAD_CLUSTERS: dict[str, tuple[str, ...]] = {
+    "envoy": (),
+    "envoy-64": ("--replica-in-flight", "64"),
+    "envoy-unbounded": ("--replica-in-flight", "4096"),
+}
+ENVOY_REPLICAS = 2
 # The forward thread's nice value in the levers A/B; the default is 0.
 FORWARD_NICE = 5
 
@@ -47,6 +56,7 @@ ALL_SCENARIOS = (
     "mixed",
     "envoy",
     "overload",
+    "envoy_overload",
     "telemetry",
     "levers",
     "profile",
@@ -497,24 +507,40 @@ class Suite:
         )
         self.results["scenarios"]["mixed"] = scen
 
-    def run_envoy(self) -> None:
+    def _start_cluster(
+        self, scenario: str, name: str = "cluster", flags: Sequence[str] = ()
+    ) -> procs.Service | None:
+        """``embedserve cluster`` with ENVOY_REPLICAS replicas sharing the threads; None (the
+        scenario skipped) when it cannot run."""
         why = procs.cluster_available()
         if why is not None:
-            self.skip("envoy", why)
-            return
-        replicas = 2
-        each = max(1, self.threads // replicas)
-        self.log(f"starting embedserve cluster: {replicas} replicas x {each} thread(s)")
-        cluster = procs.start_cluster(self.log_dir, replicas, each)
+            self.skip(scenario, why)
+            return None
+        each = max(1, self.threads // ENVOY_REPLICAS)
+        self.log(
+            f"starting embedserve cluster: {ENVOY_REPLICAS} replicas x {each} thread(s) "
+            f"{' '.join(flags)}"
+        )
+        cluster = procs.start_cluster(self.log_dir, ENVOY_REPLICAS, each, flags, name)
         try:
             procs.wait_cluster(cluster)
         except (RuntimeError, TimeoutError) as exc:
-            self.skip("envoy", f"embedserve cluster did not start: {exc}")
+            self.skip(scenario, f"embedserve cluster did not start: {exc}")
             cluster.stop(30)
+            return None
+        return cluster
+
+    def run_envoy(self) -> None:
+        cluster = self._start_cluster("envoy")
+        if cluster is None:
             return
         ready = cluster.info["ready"]
         direct = ",".join(r["address"] for r in ready["replicas"])
-        scen: dict[str, Any] = {"replicas": replicas, "threads_each": each, "rounds": []}
+        scen: dict[str, Any] = {
+            "replicas": ENVOY_REPLICAS,
+            "threads_each": max(1, self.threads // ENVOY_REPLICAS),
+            "rounds": [],
+        }
         try:
             for r in range(max(1, self.rounds - 1)):
                 scen["rounds"].append(
@@ -544,32 +570,47 @@ class Suite:
         self.results["scenarios"]["envoy"] = scen
 
     def run_overload(self) -> None:
-        scen: dict[str, Any] = {}
         for name in report.OVERLOAD_SERVERS:
             server = self.services.get(name)
-            if server is None:
-                continue
-            at_capacity = self.load(
-                f"{name} at capacity c=64", self.spec(server.address, concurrency=64), server
-            )
-            capacity = at_capacity["rps"]
-            rate = 4 * capacity
-            over = self.load(
-                f"{name} overload 4x ({rate:.0f}/s)",
-                self.spec(
-                    server.address,
-                    mode="open",
-                    rate=rate,
-                    concurrency=1,
-                    duration=6.0 if self.quick else 10.0,
-                    warmup=2.0,
-                ),
-                server,
-                procs_n=2,
-            )
-            scen[name] = {"at_capacity": at_capacity, "overload_4x": over, "rate": rate}
-            self._wait_quiet(server)
-        self.results["scenarios"]["overload"] = scen
+            if server is not None:
+                self._overload(name, server)
+
+    def run_envoy_overload(self) -> None:
+        for name, flags in OVERLOAD_CLUSTERS.items():
+            cluster = self._start_cluster("envoy_overload", f"cluster-{name}", flags)
+            if cluster is None:
+                return
+            try:
+                self._overload(name, cluster)
+            finally:
+                cluster.stop(60)
+            # What Envoy itself took to refuse (its access log: the cluster's stderr), apart
+            # from the load generator's own lag on the shared cores.
+            refused = envoy_refusal_seconds(cluster.log_path)
+            self.results["scenarios"]["overload"][name]["envoy_refusal_ms"] = summary_ms(refused)
+
+    def _overload(self, name: str, server: procs.Service) -> None:
+        """At capacity (64 callers), then an open loop at 4x the rate that reached."""
+        at_capacity = self.load(
+            f"{name} at capacity c=64", self.spec(server.address, concurrency=64), server
+        )
+        rate = 4 * at_capacity["rps"]
+        over = self.load(
+            f"{name} overload 4x ({rate:.0f}/s)",
+            self.spec(
+                server.address,
+                mode="open",
+                rate=rate,
+                concurrency=1,
+                duration=6.0 if self.quick else 10.0,
+                warmup=2.0,
+            ),
+            server,
+            procs_n=2,
+        )
+        scen = self.results["scenarios"].setdefault("overload", {})
+        scen[name] = {"at_capacity": at_capacity, "overload_4x": over, "rate": rate}
+        self._wait_quiet(server)
 
     def _wait_quiet(self, server: procs.Service, limit: float = 120.0) -> None:
         """Until the server answers a single call fast again (its queue has drained)."""
@@ -732,6 +773,7 @@ class Suite:
                 ("bulk", self.run_bulk),
                 ("envoy", self.run_envoy),
                 ("overload", self.run_overload),
+                ("envoy_overload", self.run_envoy_overload),
             ]
             for name, step in steps:
                 if name == "unary" and not self.wants("unary", "peers"):
@@ -756,6 +798,22 @@ class Suite:
 
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def envoy_refusal_seconds(access_log: Path) -> list[float]:
+    """Durations of the calls Envoy refused at the in-flight limit (flag UO), from its JSON
+    access log lines (other lines in the file are skipped)."""
+    durations: list[float] = []
+    for line in access_log.read_text(errors="replace").splitlines():
+        if '"response_flags"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("response_flags") == "UO":
+            durations.append(int(entry["duration_ms"]) / 1e3)
+    return durations
 
 
 def wait_quiet(limit: float, threshold: float = 0.5) -> float:

@@ -511,12 +511,19 @@ class _Bulk:
 _STREAM_RPC = "embedserve.v1.EmbedService/EmbedStream"
 
 
+# What grpc says, as INTERNAL, when a stream is reset in transit: the RST_STREAM itself, or
+# this client's next write onto the reset stream failing inside grpc's core (the message is
+# grpc.aio's own, never a server's).
+_TRANSPORT_RESET_DETAILS = ("RST_STREAM", "Internal error from Core")
+
+
 def _stream_failure_code(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
-    """A stream reset in transit (a proxy's upstream died: RST_STREAM) is reported as
-    INTERNAL by grpc, but it is a broken connection, not the server's verdict: resuming
-    resends only unanswered items of a pure function, so it counts as UNAVAILABLE."""
+    """A stream reset in transit (a proxy's upstream died) is reported as INTERNAL by grpc,
+    but it is a broken connection, not the server's verdict: resuming resends only
+    unanswered items of a pure function, so it counts as UNAVAILABLE."""
     code = exc.code()
-    if code is grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or ""):
+    details = exc.details() or ""
+    if code is grpc.StatusCode.INTERNAL and any(s in details for s in _TRANSPORT_RESET_DETAILS):
         return grpc.StatusCode.UNAVAILABLE
     return code
 

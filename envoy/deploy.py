@@ -30,14 +30,20 @@ COMPOSE_SERVICE = "embedserve"
 K8S_HEADLESS_SERVICE = "embedserve-replicas"
 K8S_CONFIGMAP = "embedserve-envoy"
 
+# Behind a DNS name Envoy sets no in-flight limit (an autoscaler changes the replica count), so
+# a replica may hold more than the local cluster's 32: the retry budget's floor covers 64, one
+# default batch.
+DNS_REPLICA_IN_FLIGHT = 64
 COMPOSE_PARAMS = EnvoyParams(
     dns=Endpoint(COMPOSE_SERVICE, REPLICA_PORT),
+    replica_in_flight=DNS_REPLICA_IN_FLIGHT,
     listen_host="0.0.0.0",
     port=ENVOY_PORT,
     admin_port=ENVOY_ADMIN_PORT,
 )
 K8S_PARAMS = EnvoyParams(
     dns=Endpoint(K8S_HEADLESS_SERVICE, REPLICA_PORT),
+    replica_in_flight=DNS_REPLICA_IN_FLIGHT,
     listen_host="0.0.0.0",
     port=ENVOY_PORT,
     admin_port=ENVOY_ADMIN_PORT,

@@ -13,12 +13,16 @@ number below is a decision; the reasons are in docs/reliability.md and
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 CLUSTER = "embedserve"
 COLLECTOR_CLUSTER = "otel_collector"
@@ -40,6 +44,13 @@ UNARY_RETRY_ON = "unavailable,resource-exhausted,reset,connect-failure,refused-s
 STREAM_RETRY_ON = "refused-stream,unavailable"
 
 Json = dict[str, Any]
+# A DNS cluster's in-flight limit when none is given: the count of replicas behind the name is
+# not known here, so Envoy leaves shedding to the replicas' own admission.
+DNS_MAX_REQUESTS = 4096
+# Envoy's own refusal carries the same ErrorInfo reason as a replica's (clients treat both
+# alike); the metadata says which one refused.
+OVERFLOW_REASON = "OVERLOADED"
+ERROR_DOMAIN = "embedserve"
 
 
 @dataclass(frozen=True)
@@ -134,9 +145,21 @@ class EnvoyParams:
     # Fraction of new traces (no sampled parent) that are recorded; parents are obeyed.
     trace_root_ratio: float = 1.0
     access_log_path: str | None = None  # None: JSON lines on Envoy's stdout
-    # In-flight requests one replica holds at its busiest (sizes the retry budget floor, so that
-    # losing a whole replica's in-flight calls can all be retried at once).
-    replica_in_flight: int = 64
+    # In-flight requests one replica may hold. It sizes the retry budget's floor, so that a lost
+    # replica's calls can all be retried at once, and, for fixed addresses, the cluster's
+    # in-flight limit below. 32 is where a CPU replica is already at full speed (the forward
+    # ceiling peaks at batch 32 here); more only lengthens the queue (docs/benchmarks.md,
+    # "Overload behind Envoy"). A GPU replica's best batch is larger: raise it there.
+    replica_in_flight: int = 32
+    # Calls (and open streams) in flight to the whole cluster: Envoy's max_requests circuit
+    # breaker. Past it Envoy answers RESOURCE_EXHAUSTED itself, in C++ and in microseconds, so
+    # a flood never reaches the replicas' Python event loops, whose CPU torch needs. None:
+    # replica_in_flight per replica for fixed addresses; for a DNS cluster, whose replica count
+    # changes under an autoscaler, DNS_MAX_REQUESTS (headroom: the replicas shed for
+    # themselves).
+    max_requests: int | None = None
+    # The RetryInfo delay on Envoy's refusal: about one batch on a CPU replica.
+    overflow_retry_after_ms: int = 100
     # Calls without a deadline (and the cap on a client's grpc-timeout).
     unary_timeout_s: float = 60.0
     # Envoy times a call out this much before the client would, so the client gets Envoy's
@@ -152,7 +175,6 @@ class EnvoyParams:
     health_check_interval_s: float = 1.0
     # Circuit breakers (cluster-wide, per priority). Streams count as requests for their life.
     max_connections: int = 1024
-    max_requests: int = 4096
     max_pending_requests: int = 4096
     max_message_mb: int = 16  # the replicas' --max-message-mb: retries need the body buffered
     dns_refresh_s: float = 5.0
@@ -173,6 +195,19 @@ class EnvoyParams:
             raise ValueError("give at least one health-checked service name")
         if self.replica_in_flight < 1:
             raise ValueError("replica_in_flight must be at least 1")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ValueError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.overflow_retry_after_ms < 0:
+            raise ValueError("overflow_retry_after_ms must not be negative")
+
+    @property
+    def request_limit(self) -> int:
+        """The cluster's max_requests: the explicit value, or one derived from the replicas."""
+        if self.max_requests is not None:
+            return self.max_requests
+        if self.dns is not None:
+            return DNS_MAX_REQUESTS
+        return self.replica_in_flight * len(self.replicas)
 
 
 def _duration(seconds: float) -> str:
@@ -244,7 +279,7 @@ def replica_cluster(params: EnvoyParams) -> Json:
                     "priority": "DEFAULT",
                     "max_connections": params.max_connections,
                     "max_pending_requests": params.max_pending_requests,
-                    "max_requests": params.max_requests,
+                    "max_requests": params.request_limit,
                     # Retries may add 25% to the active requests, but never fewer than one
                     # replica's in-flight requests: losing a replica must not fail its calls.
                     "retry_budget": {
@@ -465,6 +500,57 @@ def _tracing(params: EnvoyParams) -> Json | None:
     }
 
 
+def overflow_status(params: EnvoyParams) -> status_pb2.Status:
+    """What a client gets when the cluster is at its in-flight limit: the google.rpc.Status a
+    replica sends when it refuses work (RESOURCE_EXHAUSTED, ErrorInfo OVERLOADED, RetryInfo),
+    so that clients need no Envoy-specific handling."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(params.overflow_retry_after_ms)
+    details = [
+        error_details_pb2.ErrorInfo(
+            reason=OVERFLOW_REASON,
+            domain=ERROR_DOMAIN,
+            metadata={"refused_by": "envoy", "max_requests": str(params.request_limit)},
+        ),
+        error_details_pb2.RetryInfo(retry_delay=delay),
+    ]
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    message = (
+        f"every replica is busy: the cluster's {params.request_limit} in-flight calls are taken; "
+        f"retry after {params.overflow_retry_after_ms} ms"
+    )
+    return status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=packed)
+
+
+def _overflow_reply(params: EnvoyParams) -> Json:
+    """Envoy answers a circuit-breaker overflow (flag UO) UNAVAILABLE by default, which reads as
+    "this replica is down". It is overload: rewrite it to the replicas' own refusal. Envoy
+    keeps a grpc-status that a local-reply mapper set, and sends the body as grpc-message."""
+    status = overflow_status(params)
+    # Deterministic: the committed deploy configs must not drift with map order.
+    encoded = base64.b64encode(status.SerializeToString(deterministic=True)).decode("ascii")
+    return {
+        "mappers": [
+            {
+                "filter": {"response_flag_filter": {"flags": ["UO"]}},
+                "headers_to_add": [
+                    _header("grpc-status", str(status.code)),
+                    _header("grpc-status-details-bin", encoded),
+                ],
+                "body": {"inline_string": status.message},
+            }
+        ]
+    }
+
+
+def _header(key: str, value: str) -> Json:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
 def _grpc_listener(params: EnvoyParams) -> Json:
     manager: Json = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -475,6 +561,7 @@ def _grpc_listener(params: EnvoyParams) -> Json:
         http2_protocol_options={"max_concurrent_streams": 1024},
         common_http_protocol_options={"idle_timeout": "3600s"},
         access_log=_access_log(params),
+        local_reply_config=_overflow_reply(params),
         route_config={
             "name": CLUSTER,
             "virtual_hosts": [{"name": CLUSTER, "domains": ["*"], "routes": _routes(params)}],
@@ -648,7 +735,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--otlp", help="host:port of an OTLP/gRPC collector: turns tracing on")
     parser.add_argument("--trace-root-ratio", type=float, default=1.0)
     parser.add_argument("--access-log", help="a file for the JSON access log (default: stdout)")
-    parser.add_argument("--replica-in-flight", type=int, default=64)
+    parser.add_argument(
+        "--replica-in-flight",
+        type=int,
+        default=32,
+        help="calls one replica may hold: the retry budget's floor and, with --replicas, the "
+        "cluster's in-flight limit (x the replica count) [32]",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        help="calls in flight to the whole cluster before Envoy refuses with RESOURCE_EXHAUSTED "
+        f"[replica-in-flight x replicas; {DNS_MAX_REQUESTS} with --dns]",
+    )
+    parser.add_argument("--overflow-retry-after-ms", type=int, default=100)
     parser.add_argument("--unary-timeout-s", type=float, default=60.0)
     parser.add_argument("--tls-cert", help="PEM certificate: terminate TLS from clients")
     parser.add_argument("--tls-key", help="PEM key of --tls-cert")
@@ -677,6 +777,8 @@ def params_from_args(args: argparse.Namespace) -> EnvoyParams:
         trace_root_ratio=args.trace_root_ratio,
         access_log_path=args.access_log,
         replica_in_flight=args.replica_in_flight,
+        max_requests=args.max_requests,
+        overflow_retry_after_ms=args.overflow_retry_after_ms,
         unary_timeout_s=args.unary_timeout_s,
         downstream_tls=DownstreamTls(args.tls_cert, args.tls_key, args.tls_client_ca)
         if args.tls_cert and args.tls_key

@@ -83,6 +83,14 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("--warmup", choices=("true", "false"), help="each replica's --warmup")
     parser.add_argument(
+        "--replica-in-flight",
+        type=int,
+        default=32,
+        help="calls each replica may hold; past replicas x this, Envoy refuses calls itself "
+        "with RESOURCE_EXHAUSTED (in microseconds, so a flood never reaches the replicas' "
+        "event loops); raise it for GPU replicas, whose best batch is larger [32]",
+    )
+    parser.add_argument(
         "--drain-delay-s",
         type=float,
         default=2.0,
@@ -384,9 +392,13 @@ def run(args: argparse.Namespace) -> int:
     from embedserve.service import logs
 
     logs.configure("info")
-    if args.replicas < 1:
-        log.error("--replicas must be at least 1")
-        return 2
+    for flag, value in (
+        ("--replicas", args.replicas),
+        ("--replica-in-flight", args.replica_in_flight),
+    ):
+        if value < 1:
+            log.error("%s must be at least 1", flag)
+            return 2
     try:
         tls = ClusterTls.from_args(args)
     except TlsFlagsError as exc:
@@ -426,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
             listen_host=args.host,
             port=args.port,
             admin_port=args.admin_port,
+            replica_in_flight=args.replica_in_flight,
             otlp=Endpoint.parse(args.otlp) if args.otlp else None,
             access_log_path=args.access_log,
             downstream_tls=tls.downstream_params(),

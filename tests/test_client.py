@@ -298,3 +298,25 @@ def test_server_retry_hint_is_honoured_within_the_deadline() -> None:
 def test_retry_policy_refuses_unsafe_codes() -> None:
     with pytest.raises(ValueError, match="only UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED"):
         RetryPolicy(retryable_codes=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "resumable"),
+    [
+        # A proxy reset the stream, seen as the RST_STREAM itself or as this client's next
+        # write failing in grpc's core: both are a broken connection, and the stream resumes.
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2", True),
+        (grpc.StatusCode.INTERNAL, "Internal error from Core", True),
+        # The server's own INTERNAL (a forward pass failed) is its verdict: not resumed.
+        (grpc.StatusCode.INTERNAL, "forward pass failed: CUDA out of memory", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "Internal error from Core", False),
+    ],
+)
+def test_a_stream_reset_in_transit_is_resumed_but_a_server_error_is_not(
+    code: grpc.StatusCode, details: str, resumable: bool
+) -> None:
+    from embedserve.client.aio import _stream_failure_code
+
+    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+    resumed_as = grpc.StatusCode.UNAVAILABLE if resumable else code
+    assert _stream_failure_code(error) is resumed_as

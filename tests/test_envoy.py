@@ -9,6 +9,7 @@ their own, so that what is tested is Envoy's retrying.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,16 @@ import grpc
 import psutil
 import pytest
 import yaml
+from google.rpc import status_pb2
 from harness import ServerProcess, wait_until
 
+from embedserve.client import Client, RetryPolicy
+from embedserve.client.errors import OverloadedError, from_rpc_error
 from embedserve.envoy import deploy
 from embedserve.envoy.process import Admin, EnvoyProcess, HostStatus, envoy_binary, validate
 from embedserve.envoy.render import (
     CLUSTER,
+    DNS_MAX_REQUESTS,
     STREAM_PATH,
     Endpoint,
     EnvoyParams,
@@ -48,6 +53,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 FAULTS_ON = {faults.ENABLE: "1"}
 SLOW_MS = 1500
+# Envoy's count of calls refused at the cluster's in-flight limit (max_requests).
+ACTIVE_OVERFLOW = r"cluster\.embedserve\.upstream_rq_active_overflow$"
 
 
 def free_port() -> int:
@@ -105,15 +112,21 @@ class Proxy:
 
 @contextmanager
 def envoy_over(
-    ports: Sequence[int], tmp_path: Path, name: str = "envoy", otlp: Endpoint | None = None
+    ports: Sequence[int],
+    tmp_path: Path,
+    name: str = "envoy",
+    otlp: Endpoint | None = None,
+    **overrides: Any,
 ) -> Iterator[Proxy]:
-    """A real Envoy over replicas on 127.0.0.1, ready and with every host healthy."""
+    """A real Envoy over replicas on 127.0.0.1, ready and with every host healthy.
+    ``overrides`` are further EnvoyParams fields."""
     params = EnvoyParams(
         replicas=tuple(Endpoint("127.0.0.1", port) for port in ports),
         port=free_port(),
         admin_port=free_port(),
         access_log_path=str(tmp_path / f"{name}-access.log"),
         otlp=otlp,
+        **overrides,
     )
     config = write(params, tmp_path / f"{name}.yaml")
     with open(tmp_path / f"{name}.log", "w") as log:
@@ -234,7 +247,9 @@ def test_rendered_config_has_the_decided_settings(tmp_path: Path) -> None:
     assert services == {"embedserve.v1.EmbedService", "embedserve.v1.RerankService"}
     assert all(hc["no_traffic_interval"] == "2s" for hc in cluster["health_checks"])
     thresholds = cluster["circuit_breakers"]["thresholds"][0]
-    assert thresholds["retry_budget"]["min_retry_concurrency"] == 64
+    assert thresholds["retry_budget"]["min_retry_concurrency"] == 32
+    # 32 in flight for each of the 3 replicas; past it Envoy refuses (tested against Envoy).
+    assert thresholds["max_requests"] == 3 * 32
     http2 = cluster["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]
@@ -260,6 +275,30 @@ def test_rendered_config_has_the_decided_settings(tmp_path: Path) -> None:
     log_format = manager["access_log"][0]["typed_config"]["log_format"]["json_format"]
     for key in ("trace_id", "grpc_status", "upstream_host", "attempts", "duration_ms", "method"):
         assert key in log_format
+    (mapper,) = manager["local_reply_config"]["mappers"]
+    assert mapper["filter"] == {"response_flag_filter": {"flags": ["UO"]}}
+    headers = {h["header"]["key"]: h["header"]["value"] for h in mapper["headers_to_add"]}
+    assert headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    details = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+    assert details.message == mapper["body"]["inline_string"]
+
+
+def test_the_in_flight_limit_follows_the_replicas_unless_given(tmp_path: Path) -> None:
+    variants = params_variants(tmp_path)
+
+    def limit(params: EnvoyParams) -> int:
+        (cluster,) = [
+            c for c in render(params)["static_resources"]["clusters"] if c["name"] == CLUSTER
+        ]
+        value: int = cluster["circuit_breakers"]["thresholds"][0]["max_requests"]
+        return value
+
+    assert limit(variants["static"]) == 3 * 32
+    assert limit(replace(variants["static"], replica_in_flight=10)) == 30
+    assert limit(replace(variants["static"], max_requests=7)) == 7
+    # Behind a DNS name the replica count is unknown (an autoscaler changes it): headroom.
+    assert limit(variants["dns"]) == DNS_MAX_REQUESTS
+    assert limit(replace(variants["dns"], max_requests=300)) == 300
 
 
 def test_render_command_line(tmp_path: Path) -> None:
@@ -301,6 +340,8 @@ def test_params_are_checked() -> None:
         EnvoyParams(replicas=(Endpoint("a", 1),), dns=Endpoint("b", 1))
     with pytest.raises(ValueError):
         Endpoint.parse("no-port")
+    with pytest.raises(ValueError, match="max_requests"):
+        EnvoyParams(replicas=(Endpoint("a", 1),), max_requests=0)
     assert Endpoint.parse("[::1]:80") == Endpoint("::1", 80)
 
 
@@ -518,6 +559,65 @@ def test_client_deadline_is_honoured_through_envoy(
 
 
 @pytest.mark.slow
+def test_a_full_cluster_is_refused_by_envoy_as_resource_exhausted(
+    slow_trio: list[ServerProcess], tmp_path: Path
+) -> None:
+    # Only the slow replica (1.5 s a call), and room for 2 calls in flight: of 6 calls sent
+    # together, the ones past the limit never reach the replica.
+    with envoy_over([slow_trio[0].port], tmp_path, "overflow", max_requests=2) as proxy:
+        with grpc.insecure_channel(proxy.target) as channel:
+            stub = embed_service_pb2_grpc.EmbedServiceStub(channel)
+            request = embed_service_pb2.EmbedRequest(inputs=["one too many"])
+            calls = [stub.Embed.future(request, timeout=30) for _ in range(6)]
+            outcomes: list[grpc.RpcError | None] = []
+            for call in calls:
+                error = call.exception()
+                assert error is None or isinstance(error, grpc.RpcError), error
+                outcomes.append(error)
+        refused = [from_rpc_error(e) for e in outcomes if e is not None]
+        served = outcomes.count(None)
+        overflows = proxy.admin.counters(ACTIVE_OVERFLOW)
+        prometheus = proxy.admin.get("/stats/prometheus")
+        logged = [json.loads(line) for line in proxy.access_log.read_text().splitlines()]
+    print(f"served {served}, refused {[(e.code, e.message) for e in refused]}, {overflows}")
+    assert 1 <= served <= 2 and len(refused) == 6 - served
+    for error in refused:
+        # The same refusal a replica sends (clients need nothing Envoy-specific), and which
+        # a client retries after the hint.
+        assert isinstance(error, OverloadedError)
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.reason == "OVERLOADED"
+        assert error.retry_after == pytest.approx(0.1)
+        assert "2 in-flight calls" in error.message
+    assert sum(overflows.values()) == len(refused)
+    # The series the EmbedserveClusterFull alert and the dashboard watch.
+    series = 'envoy_cluster_upstream_rq_active_overflow{envoy_cluster_name="embedserve"}'
+    assert f"{series} {len(refused)}\n" in prometheus
+    flagged = [entry for entry in logged if entry["response_flags"] == "UO"]
+    assert len(flagged) == len(refused)
+    assert {entry["grpc_status_code"] for entry in flagged} == {8}
+
+
+@pytest.mark.slow
+def test_the_client_retries_envoys_refusal_until_a_slot_frees(
+    slow_trio: list[ServerProcess], tmp_path: Path
+) -> None:
+    with envoy_over([slow_trio[0].port], tmp_path, "overflow-retry", max_requests=1) as proxy:
+        with grpc.insecure_channel(proxy.target) as channel:
+            stub = embed_service_pb2_grpc.EmbedServiceStub(channel)
+            holder = stub.Embed.future(embed_service_pb2.EmbedRequest(inputs=["first"]), timeout=30)
+            wait_until(lambda: proxy.hosts()[proxy.addresses[0]].rq_active == 1, 10, "a call held")
+            retry = RetryPolicy(max_attempts=20, initial_backoff=0.05, max_backoff=0.5)
+            with Client(proxy.target, retry=retry, timeout=30) as client:
+                answer = client.embed(["second"])
+            assert holder.result() is not None
+        overflows = proxy.admin.counters(ACTIVE_OVERFLOW)
+    assert len(answer.vectors) == 1
+    # The client's first attempt met the full cluster (the held call takes 1.5 s).
+    assert sum(overflows.values()) >= 1
+
+
+@pytest.mark.slow
 def test_bulk_stream_through_envoy_answers_every_item(
     slow_trio: list[ServerProcess], tmp_path: Path
 ) -> None:
@@ -693,6 +793,10 @@ def test_cluster_command_serves_and_leaves_nothing_behind(
         "false",
         "--replica-threads",
         "1",
+        "--replica-in-flight",
+        "5",
+        "--envoy-config",
+        str(tmp_path / "kept.yaml"),
     ]
     cluster = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     lines: queue.Queue[str] = queue.Queue()
@@ -715,6 +819,10 @@ def test_cluster_command_serves_and_leaves_nothing_behind(
         admin = Admin(admin_port)
         assert admin.ready()
         assert len([h for h in admin.hosts(CLUSTER) if h.healthy]) == 2
+        # Envoy's in-flight limit: --replica-in-flight for each replica.
+        kept = yaml.safe_load((tmp_path / "kept.yaml").read_text())
+        (rendered,) = [c for c in kept["static_resources"]["clusters"] if c["name"] == CLUSTER]
+        assert rendered["circuit_breakers"]["thresholds"][0]["max_requests"] == 2 * 5
         started = time.monotonic()
         cluster.send_signal(signal.SIGTERM)
         assert cluster.wait(60) == 0
@@ -729,6 +837,18 @@ def test_cluster_command_serves_and_leaves_nothing_behind(
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         stderr.close()
+
+
+@pytest.mark.parametrize("flag", ["--replicas", "--replica-in-flight"])
+def test_cluster_command_refuses_a_count_below_one(flag: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "embedserve.service", "cluster", flag, "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"{flag} must be at least 1" in result.stderr
 
 
 @pytest.mark.slow
