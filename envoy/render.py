@@ -517,7 +517,7 @@ def overflow_status(params: EnvoyParams) -> status_pb2.Status:
     packed = []
     for detail in details:
         item = any_pb2.Any()
-        item.Pack(detail)
+        item.Pack(detail, deterministic=True)
         packed.append(item)
     message = (
         f"every replica is busy: the cluster's {params.request_limit} in-flight calls are taken; "

@@ -283,6 +283,23 @@ def test_rendered_config_has_the_decided_settings(tmp_path: Path) -> None:
     assert details.message == mapper["body"]["inline_string"]
 
 
+def test_the_overflow_answer_is_the_same_bytes_in_every_process() -> None:
+    # Protobuf map order varies between processes unless serialized deterministically (a
+    # nested Any too); the committed deploy configs would drift at random.
+    script = (
+        "import base64; from embedserve.envoy.render import Endpoint, EnvoyParams, "
+        "overflow_status; print(base64.b64encode(overflow_status(EnvoyParams("
+        "dns=Endpoint('a', 1))).SerializeToString(deterministic=True)).decode())"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(6)
+    }
+    assert len(outputs) == 1, outputs
+
+
 def test_the_in_flight_limit_follows_the_replicas_unless_given(tmp_path: Path) -> None:
     variants = params_variants(tmp_path)
 
