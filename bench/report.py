@@ -520,7 +520,14 @@ def markdown(results: Json) -> str:
             for name, r in row.items():
                 out.append(_lat_row(f"round {i}: {name}", r))
         base = _rounds(levers, "bytes")
-        for variant in ("float32", "threads_fewer", "omp_passive", "batch_32", "forward_nice"):
+        for variant in (
+            "float32",
+            "threads_fewer",
+            "omp_passive",
+            "batch_32",
+            "forward_nice",
+            "dtype_bf16",
+        ):
             runs = _rounds(levers, variant)
             if runs and base:
                 rel = median([ratio(a["rps"], b["rps"]) for a, b in zip(runs, base, strict=False)])

@@ -150,7 +150,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "Address to listen on."),
     Option("port", "Port to listen on; 0 picks a free one (logged at start).", _non_negative_int),
     Option("device", "auto, cpu, cuda or cuda:N. auto takes the GPU when there is one."),
-    Option("dtype", "Weights precision.", choices=("auto", "float32", "float16", "bfloat16")),
+    Option(
+        "dtype",
+        "Weights precision. auto: float32 on the CPU (exact), bfloat16 (or float16) on CUDA. On "
+        "a CPU with AMX-BF16, bfloat16 served 1.65x the calls of float32 here, at a cosine of "
+        "0.9999 to its vectors (docs/benchmarks.md).",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    ),
     Option(
         "threads",
         "Torch intra-op threads on the CPU; 0 uses every CPU this process may use (affinity, "

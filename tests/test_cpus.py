@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness import serving
 
-from embedserve.service.cpus import available_cpus, cgroup_cpu_limit
+from embedserve.service.cpus import available_cpus, cgroup_cpu_limit, has_amx_bf16
 
 
 def test_cgroup_v2_quota(tmp_path: Path) -> None:
@@ -39,6 +39,16 @@ def _nice_of(task: str) -> int:
     # Field 19 of /proc/PID/task/TID/stat; the command name (field 2) may hold spaces.
     stat = Path(f"/proc/self/task/{task}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def test_amx_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    # AVX-512 BF16 converts but does not multiply in hardware: not enough.
+    assert has_amx_bf16(cpuinfo) is False
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    assert has_amx_bf16(cpuinfo) is True
+    assert has_amx_bf16(tmp_path / "missing") is False
 
 
 def test_forward_thread_and_its_torch_workers_run_nicer(qwen3_embedding_folder: Path) -> None:
