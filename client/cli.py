@@ -80,6 +80,12 @@ def _connection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls", action="store_true", help="connect with TLS")
     group.add_argument("--root-cert", type=Path, help="PEM roots for TLS")
     group.add_argument(
+        "--client-cert",
+        type=Path,
+        help="PEM client certificate chain, for a server or Envoy that requires one (mutual TLS)",
+    )
+    group.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    group.add_argument(
         "--header",
         action="append",
         default=[],
@@ -104,12 +110,16 @@ def _client(args: argparse.Namespace) -> Client:
         if not sep:
             raise SystemExit(f"--header {header!r}: expected NAME:VALUE")
         metadata.append((name.strip().lower(), value.strip()))
+    if (args.client_cert is None) != (args.client_key is None):
+        raise SystemExit("--client-cert and --client-key go together")
     root = args.root_cert.read_bytes() if args.root_cert else None
     return Client(
         args.target,
         timeout=args.timeout,
         tls=args.tls,
         root_certificates=root,
+        private_key=args.client_key.read_bytes() if args.client_key else None,
+        certificate_chain=args.client_cert.read_bytes() if args.client_cert else None,
         metadata=metadata,
         retry=RetryPolicy(max_attempts=max(1, args.retries), max_backoff=2.0),
     )

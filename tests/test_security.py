@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
 import subprocess
 import sys
@@ -147,6 +148,22 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(
             certificate_chain=pki.client.cert,
         ) as client:
             assert client.embed(["mutual"]).vectors.shape == (1, 64)
+        # The command line, with and without the client certificate.
+        cli = [sys.executable, "-m", "embedserve.service", "embed", "--target", target]
+        cli += ["--root-cert", str(pki.write("ca-cli.pem", pki.ca.cert)), "--retries", "1"]
+        mutual = [
+            "--client-cert",
+            str(pki.write("client.pem", pki.client.cert)),
+            "--client-key",
+            str(pki.write("client.key", pki.client.key)),
+        ]
+        served = subprocess.run([*cli, *mutual, "mutual"], capture_output=True, text=True)
+        assert served.returncode == 0, served.stderr
+        assert len(json.loads(served.stdout)["embeddings"]) == 1
+        no_cert = subprocess.run([*cli, "--timeout", "5", "x"], capture_output=True, text=True)
+        assert no_cert.returncode != 0 and "UNAVAILABLE" in no_cert.stderr
+        half = subprocess.run([*cli, *mutual[:2], "x"], capture_output=True, text=True)
+        assert half.returncode != 0 and "go together" in half.stderr
         for key, cert in ((None, None), (pki.stranger.key, pki.stranger.cert)):
             with (
                 Client(
