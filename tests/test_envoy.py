@@ -30,7 +30,7 @@ import grpc
 import psutil
 import pytest
 import yaml
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from harness import ServerProcess, wait_until
 
 from embedserve.client import Client, RetryPolicy
@@ -47,6 +47,8 @@ from embedserve.envoy.render import (
     write,
 )
 from embedserve.service import faults
+from embedserve.service.api import errors as api_errors
+from embedserve.service.engine.errors import Overloaded
 from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,6 +283,15 @@ def test_rendered_config_has_the_decided_settings(tmp_path: Path) -> None:
     assert headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
     details = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
     assert details.message == mapper["body"]["inline_string"]
+    # Envoy's refusal names the reason and domain a replica's own refusal does.
+    refusal = api_errors.translate(Overloaded("queue full", retry_after_s=0.1))
+    assert refusal is not None
+    replica_info = refusal.to_status().details[0]
+    assert details.details[0].type_url == replica_info.type_url
+    info, expected = error_details_pb2.ErrorInfo(), error_details_pb2.ErrorInfo()
+    details.details[0].Unpack(info)
+    replica_info.Unpack(expected)
+    assert (info.reason, info.domain) == (expected.reason, expected.domain)
 
 
 def test_the_overflow_answer_is_the_same_bytes_in_every_process() -> None:
