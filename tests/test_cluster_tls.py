@@ -3,24 +3,16 @@ with certificates made by the test (the helpers of tests/test_security.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import signal
 import subprocess
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_envoy import alive, free_port, read_lines
+from test_envoy import CLUSTER_COMMAND, alive, cluster_running, free_port
 from test_security import issue, make_ca
 
 from embedserve.client import Client, UnavailableError
@@ -34,8 +26,6 @@ from embedserve.service.cluster import (
     replica_command,
     replica_env,
 )
-
-COMMAND = [sys.executable, "-m", "embedserve.service", "cluster"]
 
 
 @dataclass(frozen=True)
@@ -166,7 +156,7 @@ def test_cluster_command_exits_2_on_bad_tls_flags_before_starting_anything(
     marker = tmp_path / "never-started-model"
     result = subprocess.run(
         [
-            *COMMAND,
+            *CLUSTER_COMMAND,
             "--replicas",
             "1",
             "--port",
@@ -190,60 +180,6 @@ def test_cluster_command_exits_2_on_bad_tls_flags_before_starting_anything(
 
 
 # --- The real cluster -----------------------------------------------------------------------
-
-
-@dataclass
-class RunningCluster:
-    process: subprocess.Popen[str]
-    lines: queue.Queue[str]
-    admin_port: int
-
-    def event(self, timeout: float) -> dict[str, Any]:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no line from `embedserve cluster` in {timeout} s") from None
-        event: dict[str, Any] = json.loads(line)
-        return event
-
-
-@contextmanager
-def cluster_running(
-    model: Path, tmp_path: Path, replicas: int, *flags: str
-) -> Iterator[RunningCluster]:
-    admin_port = free_port()
-    command = [
-        *COMMAND,
-        "--replicas",
-        str(replicas),
-        "--port",
-        str(free_port()),
-        "--admin-port",
-        str(admin_port),
-        "--model",
-        str(model),
-        "--warmup",
-        "false",
-        "--replica-threads",
-        "1",
-        *flags,
-    ]
-    with open(tmp_path / "cluster.err", "w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        assert process.stdout is not None
-        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
-        children: list[int] = []
-        try:
-            yield RunningCluster(process, lines, admin_port)
-        finally:
-            if process.poll() is None:
-                children = [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
-                process.kill()
-                process.wait(10)
-            for pid in children:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
 
 
 def _health(

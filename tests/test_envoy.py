@@ -798,79 +798,111 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_cluster_command_serves_and_leaves_nothing_behind(
-    qwen3_embedding_folder: Path, tmp_path: Path
-) -> None:
+CLUSTER_COMMAND = [sys.executable, "-m", "embedserve.service", "cluster"]
+
+
+@dataclass
+class RunningCluster:
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str]
+    port: int
+    admin_port: int
+
+    def event(self, timeout: float) -> dict[str, Any]:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line from `embedserve cluster` in {timeout} s") from None
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+
+@contextmanager
+def cluster_running(
+    model: Path, tmp_path: Path, replicas: int, *flags: str
+) -> Iterator[RunningCluster]:
+    """``embedserve cluster`` over ``model`` on free ports; whatever is still running at the
+    end (the command and every child) is killed."""
     port, admin_port = free_port(), free_port()
-    stderr = open(tmp_path / "cluster.err", "w")  # noqa: SIM115 - closed below
     command = [
-        sys.executable,
-        "-m",
-        "embedserve.service",
-        "cluster",
+        *CLUSTER_COMMAND,
         "--replicas",
-        "2",
+        str(replicas),
         "--port",
         str(port),
         "--admin-port",
         str(admin_port),
         "--model",
-        str(qwen3_embedding_folder),
+        str(model),
         "--warmup",
         "false",
         "--replica-threads",
         "1",
+        *flags,
+    ]
+    with open(tmp_path / "cluster.err", "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        assert process.stdout is not None
+        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+        children: list[int] = []
+        try:
+            yield RunningCluster(process, lines, port, admin_port)
+        finally:
+            if process.poll() is None:
+                children = [c.pid for c in psutil.Process(process.pid).children(recursive=True)]
+                process.kill()
+                process.wait(10)
+            for pid in children:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_cluster_command_serves_and_leaves_nothing_behind(
+    qwen3_embedding_folder: Path, tmp_path: Path
+) -> None:
+    kept_config = tmp_path / "kept.yaml"
+    with cluster_running(
+        qwen3_embedding_folder,
+        tmp_path,
+        2,
         "--replica-in-flight",
         "5",
         "--envoy-config",
-        str(tmp_path / "kept.yaml"),
-    ]
-    cluster = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    assert cluster.stdout is not None
-    threading.Thread(target=read_lines, args=(cluster.stdout, lines), daemon=True).start()
-    pids: list[int] = []
-    try:
-        ready = json.loads(lines.get(timeout=240))
+        str(kept_config),
+    ) as cluster:
+        ready = cluster.event(timeout=240)
         assert ready["event"] == "ready", ready
-        assert ready["listener"] == f"127.0.0.1:{port}"
-        assert ready["admin"] == f"http://127.0.0.1:{admin_port}/"
+        assert ready["listener"] == f"127.0.0.1:{cluster.port}"
+        assert ready["admin"] == f"http://127.0.0.1:{cluster.admin_port}/"
         pids = [ready["envoy_pid"], *(r["pid"] for r in ready["replicas"])]
-        children = {c.pid for c in psutil.Process(cluster.pid).children(recursive=True)}
+        children = {c.pid for c in psutil.Process(cluster.process.pid).children(recursive=True)}
         assert set(pids) <= children
         with grpc.insecure_channel(ready["listener"]) as channel:
             reply = embed_service_pb2_grpc.EmbedServiceStub(channel).Embed(
                 embed_service_pb2.EmbedRequest(inputs=["through the cluster"]), timeout=20
             )
         assert len(reply.embeddings) == 1
-        admin = Admin(admin_port)
+        admin = Admin(cluster.admin_port)
         assert admin.ready()
         assert len([h for h in admin.hosts(CLUSTER) if h.healthy]) == 2
         # Envoy's in-flight limit: --replica-in-flight for each replica.
-        kept = yaml.safe_load((tmp_path / "kept.yaml").read_text())
+        kept = yaml.safe_load(kept_config.read_text())
         (rendered,) = [c for c in kept["static_resources"]["clusters"] if c["name"] == CLUSTER]
         assert rendered["circuit_breakers"]["thresholds"][0]["max_requests"] == 2 * 5
         started = time.monotonic()
-        cluster.send_signal(signal.SIGTERM)
-        assert cluster.wait(60) == 0
+        cluster.process.send_signal(signal.SIGTERM)
+        assert cluster.process.wait(60) == 0
         print(f"cluster stopped {time.monotonic() - started:.2f} s after SIGTERM")
-        assert json.loads(lines.get(timeout=5)) == {"event": "stopped", "code": 0}
+        assert cluster.event(timeout=5) == {"event": "stopped", "code": 0}
         assert [pid for pid in [*pids, *children] if alive(pid)] == []
-    finally:
-        if cluster.poll() is None:
-            cluster.kill()
-            cluster.wait(10)
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        stderr.close()
 
 
 @pytest.mark.parametrize("flag", ["--replicas", "--replica-in-flight"])
 def test_cluster_command_refuses_a_count_below_one(flag: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "embedserve.service", "cluster", flag, "0"],
+        [*CLUSTER_COMMAND, flag, "0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -883,10 +915,7 @@ def test_cluster_command_refuses_a_count_below_one(flag: str) -> None:
 def test_cluster_command_cleans_up_when_a_replica_fails(tmp_path: Path) -> None:
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "embedserve.service",
-            "cluster",
+            *CLUSTER_COMMAND,
             "--replicas",
             "2",
             "--port",
