@@ -280,7 +280,12 @@ def start_cluster(
     with open(log_path, "wb") as log, open(stdout_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=log, cwd=ROOT)
     service = Service(name, process, log_path)
-    service.info = {"stdout": str(stdout_path), "admin_port": admin, "replicas": replicas}
+    service.info = {
+        "stdout": str(stdout_path),
+        "admin_port": admin,
+        "replicas": replicas,
+        "threads_each": threads_each,
+    }
     service.address = f"127.0.0.1:{port}"
     return service
 

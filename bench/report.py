@@ -259,14 +259,14 @@ def targets(h: Json) -> list[Json]:
             "no rejection"
             if rej is None
             else f"p99 {rej:.1f} ms ({h[f'{key}_rejected']} of {h[f'{key}_measured']} calls)"
-            + _shed_note(h, key),
+            + _refusal_notes(h, key),
             f"p99 <= {FAST_REJECTION_MS:.0f} ms",
             None if rej is None else rej <= FAST_REJECTION_MS,
         )
     return rows
 
 
-def _shed_note(h: Json, key: str) -> str:
+def _refusal_notes(h: Json, key: str) -> str:
     note = ""
     envoy_p99 = h.get(f"{key}_envoy_refusal_p99_ms")
     if envoy_p99 is not None:

@@ -542,8 +542,8 @@ class Suite:
         ready = cluster.info["ready"]
         direct = ",".join(r["address"] for r in ready["replicas"])
         scen: dict[str, Any] = {
-            "replicas": ENVOY_REPLICAS,
-            "threads_each": max(1, self.threads // ENVOY_REPLICAS),
+            "replicas": cluster.info["replicas"],
+            "threads_each": cluster.info["threads_each"],
             "rounds": [],
         }
         try:
