@@ -18,13 +18,14 @@ from bench.stats import median, ratio
 # The servers of the overload scenario, the default first: name in bench/run.py -> what
 # its admission is.
 OVERLOAD_SERVERS = {
-    "embedserve": "default admission",
+    "embedserve": "default admission (64 calls in flight on 2 threads)",
+    "no-call-limit": "no in-flight call limit (--max-calls-in-flight 0, the fourth run's)",
     "grpc-backlog": "gRPC's default pending-call bound (--max-pending-calls 0)",
     "token-bound-only": "token bound only (the first run's admission)",
     # `embedserve cluster` (bench/run.py OVERLOAD_CLUSTERS): 2 replicas behind Envoy.
     "envoy": "Envoy, 2 replicas: Envoy refuses past 32 in flight a replica",
     "envoy-64": "Envoy, 2 replicas, --replica-in-flight 64",
-    "envoy-unbounded": "Envoy, 2 replicas, no Envoy limit: the replicas refuse",
+    "envoy-unbounded": "Envoy, 2 replicas, no Envoy limit: each replica's own limit refuses",
 }
 
 Json = dict[str, Any]

@@ -195,8 +195,9 @@ class Suite:
             wanted["bulk-20k"] = lambda: procs.start_embedserve("bulk-20k", log_dir, threads)
         if self.wants("overload"):
             # For an A/B in the same run: the admission of the first reference run (the
-            # token bound only: no expected-wait admission, no concurrent-call limit, gRPC's
-            # own pending-call bound), and today's with gRPC's pending-call bound.
+            # token bound only: no expected-wait admission, no call limits, gRPC's own
+            # pending-call bound); the fourth run's (no in-flight call limit); and today's
+            # with gRPC's pending-call bound.
             wanted["token-bound-only"] = lambda: procs.start_embedserve(
                 "token-bound-only",
                 log_dir,
@@ -204,11 +205,16 @@ class Suite:
                 [
                     "--max-queue-delay-ms",
                     "0",
+                    "--max-calls-in-flight",
+                    "0",
                     "--max-concurrent-rpcs",
                     "0",
                     "--max-pending-calls",
                     "0",
                 ],
+            )
+            wanted["no-call-limit"] = lambda: procs.start_embedserve(
+                "no-call-limit", log_dir, threads, ["--max-calls-in-flight", "0"]
             )
             wanted["grpc-backlog"] = lambda: procs.start_embedserve(
                 "grpc-backlog", log_dir, threads, ["--max-pending-calls", "0"]

@@ -30,6 +30,7 @@ class ServerConfig:
     max_inputs: int = 512
     max_queue_tokens: int = 65536
     max_queue_delay_ms: int = 500
+    max_calls_in_flight: int | None = None  # None: auto, from the device and the threads
     max_concurrent_rpcs: int = 1024
     max_pending_calls: int = 256
     stream_window: int = 16
@@ -78,6 +79,17 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
+
+
+def _count_or_auto(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return _non_negative_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected auto or a count (0 for no limit), got {text!r}"
+        ) from exc
 
 
 def _nice(text: str) -> int:
@@ -189,6 +201,15 @@ OPTIONS: tuple[Option, ...] = (
         "Longest expected queue wait an interactive call is admitted into, at the "
         "throughput measured on full batches; past it, RESOURCE_EXHAUSTED at once. 0: off.",
         _non_negative_int,
+    ),
+    Option(
+        "max_calls_in_flight",
+        "Unary Embed and Rerank calls in progress at once; one more is refused at once with "
+        "RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED, RetryInfo 100 ms) before it is handled, "
+        "so a flood cannot take the CPU from the calls in progress. Streams, health checks "
+        "and server info are not counted. Default (auto): 32 per torch thread on the CPU "
+        "(64 on 2 cores), no limit on CUDA. 0: no limit.",
+        _count_or_auto,
     ),
     Option(
         "max_concurrent_rpcs",

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from embedserve.service import faults
 from embedserve.service.api.decoding import SafeDecodingInterceptor
 from embedserve.service.api.embed import ApiSettings, EmbedServicer
+from embedserve.service.api.in_flight import InFlightLimit, default_limit
 from embedserve.service.api.info import InfoServicer, describe
 from embedserve.service.api.rerank import RerankServicer
 from embedserve.service.cache.setup import close_caches, install_caches
@@ -57,6 +58,14 @@ API_SERVICES = tuple(
         (embed_service_pb2.DESCRIPTOR, "EmbedService"),
         (rerank_service_pb2.DESCRIPTOR, "RerankService"),
         (info_service_pb2.DESCRIPTOR, "InfoService"),
+    )
+)
+# The calls that do a model's work, one at a time: those the in-flight limit counts.
+UNARY_WORK_METHODS = tuple(
+    f"/{service.full_name}/{service.methods_by_name[method].name}"
+    for service, method in (
+        (embed_service_pb2.DESCRIPTOR.services_by_name["EmbedService"], "Embed"),
+        (rerank_service_pb2.DESCRIPTOR.services_by_name["RerankService"], "Rerank"),
     )
 )
 # Health has one status a service name, plus "" for the whole server.
@@ -151,6 +160,7 @@ class Server:
         if config.api_keys is not None:
             exempt = [name.strip() for name in config.auth_exempt.split(",") if name.strip()]
             self._auth.append(ApiKeyInterceptor(KeyStore(config.api_keys), exempt))
+        self.in_flight = _in_flight_limit(config, self.registry)
         self._grpc: grpc.aio.Server | None = None
         self._shutdown: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -170,9 +180,16 @@ class Server:
         )
         server = grpc.aio.server(
             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
-            # Telemetry first, so that refused calls are counted and traced too.
             # Decoding first: every layer after it sees only well-formed messages.
-            interceptors=[SafeDecodingInterceptor(), interceptor, *self._auth],
+            # Telemetry next, so that refused calls are counted and traced too. The
+            # in-flight limit last, after authentication: it refuses before the request is
+            # parsed, and a caller without a key learns nothing of the load.
+            interceptors=[
+                SafeDecodingInterceptor(),
+                interceptor,
+                *self._auth,
+                *([self.in_flight] if self.in_flight is not None else []),
+            ],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
@@ -218,11 +235,14 @@ class Server:
                 "tls": self._credentials is not None,
                 "mutual_tls": config.tls_client_ca is not None,
                 "api_keys": bool(self._auth),
+                "max_calls_in_flight": self.in_flight.limit if self.in_flight else 0,
             },
         )
         if telemetry.metrics is not None and config.metrics_port is not None:
             for engine in self.registry.engines():
                 telemetry.metrics.watch(engine, asyncio.get_running_loop())
+            if self.in_flight is not None:
+                telemetry.metrics.watch_call_limit(self.in_flight)
             self.metrics_port = telemetry.metrics.serve(config.metrics_host, config.metrics_port)
             log.info(
                 "metrics",
@@ -278,6 +298,16 @@ class Server:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in HEALTH_NAMES:
             await self.health.set(name, status)
+
+
+def _in_flight_limit(config: ServerConfig, registry: ModelRegistry) -> InFlightLimit | None:
+    limit = config.max_calls_in_flight
+    if limit is None:
+        on_cuda = any(e.adapter.device.device.type == "cuda" for e in registry.engines())
+        limit = default_limit(on_cuda=on_cuda, cpu_threads=torch.get_num_threads())
+    if limit == 0:
+        return None
+    return InFlightLimit(limit, UNARY_WORK_METHODS)
 
 
 def _pending_call_options(max_pending_calls: int) -> list[tuple[str, int]]:

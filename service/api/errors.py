@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +38,7 @@ class ApiError(Exception):
         reason: str,
         violations: Sequence[FieldViolation] = (),
         retry_after_s: float | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -45,10 +46,13 @@ class ApiError(Exception):
         self.reason = reason
         self.violations = tuple(violations)
         self.retry_after_s = retry_after_s
+        self.metadata = dict(metadata or {})
 
     def to_status(self) -> status_pb2.Status:
         details: list[any_pb2.Any] = []
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=DOMAIN, metadata=self.metadata
+        )
         details.append(_pack(info))
         if self.violations:
             bad = error_details_pb2.BadRequest(
@@ -72,7 +76,8 @@ class ApiError(Exception):
 
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    # Deterministic: ErrorInfo's metadata map must not change order between processes.
+    packed.Pack(message, deterministic=True)  # type: ignore[arg-type]
     return packed
 
 

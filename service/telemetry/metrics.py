@@ -1,8 +1,9 @@
 """Prometheus metrics on an HTTP port (``--metrics-port``, path /metrics).
 
-Every series carries a ``model`` label. Counters and gauges the engine already keeps
-(queue depth, rejections, expiries) are read at scrape time by a collector, so they cost
-nothing on the hot path; only the histograms are observed as work happens.
+Every series carries a ``model`` label, except the server-wide call limit's. Counters and
+gauges the engine already keeps (queue depth, rejections, expiries) are read at scrape time
+by a collector, so they cost nothing on the hot path; only the histograms are observed as
+work happens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from embedserve.service.engine.work import Lane
 
 if TYPE_CHECKING:
+    from embedserve.service.api.in_flight import InFlightLimit
     from embedserve.service.cache.front import EmbeddingCache
     from embedserve.service.engine.engine import Engine
 
@@ -82,6 +84,8 @@ class ServerMetrics:
         self.registry.register(self._engines)
         self._caches = _CacheCollector()
         self.registry.register(self._caches)
+        self._call_limit = _CallLimitCollector()
+        self.registry.register(self._call_limit)
 
     def watch(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._engines.engines.append(engine)
@@ -90,6 +94,9 @@ class ServerMetrics:
 
     def watch_cache(self, cache: EmbeddingCache) -> None:
         self._caches.caches.append(cache)
+
+    def watch_call_limit(self, limit: InFlightLimit) -> None:
+        self._call_limit.limit = limit
 
     def observe_batch(
         self, model: str, size: int, tokens: int, padded_tokens: int, seconds: float
@@ -205,6 +212,36 @@ class _EngineCollector(Collector):
             cancelled,
             failures,
             info,
+        )
+
+
+class _CallLimitCollector(Collector):
+    """Reads the server's in-flight call limit at scrape time."""
+
+    def __init__(self) -> None:
+        self.limit: InFlightLimit | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        limit = self.limit
+        if limit is None:
+            return
+        yield GaugeMetricFamily(
+            "embedserve_calls_in_flight",
+            "Unary Embed and Rerank calls in progress (what --max-calls-in-flight counts).",
+            value=limit.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "embedserve_calls_in_flight_limit",
+            "--max-calls-in-flight: past it a call is refused before it is handled.",
+            value=limit.limit,
+        )
+        yield CounterMetricFamily(
+            "embedserve_in_flight_refusals",
+            "Calls refused RESOURCE_EXHAUSTED because --max-calls-in-flight were in progress.",
+            value=limit.refused,
         )
 
 
