@@ -174,6 +174,12 @@ def start_naive(out_dir: Path, threads: int) -> Service:
     )
 
 
+def start_grpc_floor(out_dir: Path) -> Service:
+    return _spawn(
+        "grpc-floor", [sys.executable, "-m", "bench.grpc_floor", "serve", "--port", "0"], out_dir
+    )
+
+
 def start_sink(out_dir: Path) -> Service:
     return _spawn("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", "--port", "0"], out_dir)
 

@@ -88,7 +88,9 @@ def register(commands: Any) -> None:
         default=32,
         help="calls each replica may hold; past replicas x this, Envoy refuses calls itself "
         "with RESOURCE_EXHAUSTED (in microseconds, so a flood never reaches the replicas' "
-        "event loops); raise it for GPU replicas, whose best batch is larger [32]",
+        "event loops), and each replica refuses past this itself (its --max-calls-in-flight), "
+        "so that the two limits agree; raise it for GPU replicas, whose best batch is "
+        "larger [32]",
     )
     parser.add_argument(
         "--drain-delay-s",
@@ -320,6 +322,11 @@ def replica_command(
         str(args.grace_period_s),
         "--metrics-port",
         str(metrics_port),
+        # Below Envoy's share, a replica would refuse calls Envoy admitted and Envoy would
+        # retry them: refusals paid twice, in Python. Measured: 10x the admitted p99 at 4x
+        # capacity with Envoy at 64 a replica over replicas at 32 (docs/benchmarks.md).
+        "--max-calls-in-flight",
+        str(args.replica_in_flight),
     ]
     for flag in ("model", "model_name", "reranker", "reranker_name", "device", "warmup"):
         value = getattr(args, flag)

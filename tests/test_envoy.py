@@ -891,6 +891,11 @@ def test_cluster_command_serves_and_leaves_nothing_behind(
         kept = yaml.safe_load(kept_config.read_text())
         (rendered,) = [c for c in kept["static_resources"]["clusters"] if c["name"] == CLUSTER]
         assert rendered["circuit_breakers"]["thresholds"][0]["max_requests"] == 2 * 5
+        # ... and each replica's own limit agrees with it.
+        for replica in ready["replicas"]:
+            command = psutil.Process(replica["pid"]).cmdline()
+            flag = command.index("--max-calls-in-flight")
+            assert command[flag + 1] == "5"
         started = time.monotonic()
         cluster.process.send_signal(signal.SIGTERM)
         assert cluster.process.wait(60) == 0
