@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from bench import procs
-from bench.loadgen import LoadSpec, run_load
+from bench.loadgen import LoadSpec
 from embedserve.v1 import common_pb2, embed_service_pb2
 
 SERVICE = "embedserve.v1.EmbedService"
@@ -61,18 +61,16 @@ async def _serve(port: int) -> None:
 
 
 def _cpu_ms_per_call(service: procs.Service, rate: float, load_procs: int) -> dict[str, Any]:
-    spec = LoadSpec(service.address, mode="open", rate=rate)
-    before = service.cpu()
-    result = run_load(spec, procs=load_procs)
-    spent = service.cpu() - before
-    sent = result.get("sent_total") or result["measured"]
+    result = procs.load_with_cpu(
+        LoadSpec(service.address, mode="open", rate=rate), service, load_procs
+    )
     return {
-        "rate": spec.rate,
+        "rate": rate,
         "rps": result["rps"],
         "p50_ms": result["latency_ms"]["p50"],
-        "server_cpu_s": round(spent, 2),
-        # Warm-up calls are sent too, and their CPU is in ``spent``.
-        "server_cpu_ms_per_call": round(1000 * spent / sent, 3) if sent else None,
+        "server_cpu_s": round(result["server_cpu_s"], 2),
+        # Warm-up calls are sent too, and their CPU is counted.
+        "server_cpu_ms_per_call": round(result["server_cpu_ms_per_request"], 3),
         "errors": result.get("errors", {}),
     }
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import LoadSpec, run_load
+
 ROOT = Path(__file__).resolve().parent.parent
 INFINITY_VENV = ROOT / "bench" / ".venv-infinity"
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -89,6 +91,18 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+def load_with_cpu(spec: LoadSpec, service: Service | None, load_procs: int = 1) -> dict[str, Any]:
+    """``run_load``, plus the CPU ``service`` spent meanwhile: ``server_cpu_s`` and
+    ``server_cpu_ms_per_request`` (over every call sent, warm-up included, as its CPU is)."""
+    before = service.cpu() if service is not None else 0.0
+    result = run_load(spec, load_procs)
+    if service is not None:
+        cpu = service.cpu() - before
+        result["server_cpu_s"] = cpu
+        result["server_cpu_ms_per_request"] = cpu * 1e3 / max(1, result["sent_total"])
+    return result
 
 
 def _spawn(

@@ -140,12 +140,7 @@ class Suite:
     def load(
         self, label: str, spec: LoadSpec, service: procs.Service | None = None, procs_n: int = 1
     ) -> dict[str, Any]:
-        cpu0 = service.cpu() if service is not None else 0.0
-        result = run_load(spec, procs_n)
-        if service is not None:
-            cpu = service.cpu() - cpu0
-            result["server_cpu_s"] = cpu
-            result["server_cpu_ms_per_request"] = cpu * 1e3 / max(1, result["sent_total"])
+        result = procs.load_with_cpu(spec, service, procs_n)
         result.pop("raw_ok_s", None)
         lat = result["latency_ms"]
         self.log(

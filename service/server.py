@@ -62,10 +62,10 @@ API_SERVICES = tuple(
 )
 # The calls that do a model's work, one at a time: those the in-flight limit counts.
 UNARY_WORK_METHODS = tuple(
-    f"/{service.full_name}/{service.methods_by_name[method].name}"
-    for service, method in (
-        (embed_service_pb2.DESCRIPTOR.services_by_name["EmbedService"], "Embed"),
-        (rerank_service_pb2.DESCRIPTOR.services_by_name["RerankService"], "Rerank"),
+    f"/{method.containing_service.full_name}/{method.name}"
+    for method in (
+        embed_service_pb2.DESCRIPTOR.services_by_name["EmbedService"].methods_by_name["Embed"],
+        rerank_service_pb2.DESCRIPTOR.services_by_name["RerankService"].methods_by_name["Rerank"],
     )
 )
 # Health has one status a service name, plus "" for the whole server.

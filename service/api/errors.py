@@ -92,6 +92,19 @@ def unavailable(message: str, reason: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message, reason=reason, retry_after_s=0.0)
 
 
+def overloaded(
+    message: str, retry_after_s: float, metadata: Mapping[str, str] | None = None
+) -> ApiError:
+    """Refused for load, before any work: retryable after ``retry_after_s``."""
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        reason="OVERLOADED",
+        retry_after_s=retry_after_s,
+        metadata=metadata,
+    )
+
+
 def model_not_found(exc: UnknownModel, field: str) -> ApiError:
     return ApiError(
         grpc.StatusCode.NOT_FOUND,
@@ -108,12 +121,7 @@ def translate(exc: Exception) -> ApiError | None:
     if isinstance(exc, UnknownModel):
         return model_not_found(exc, "model")
     if isinstance(exc, Overloaded):
-        return ApiError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            str(exc),
-            reason="OVERLOADED",
-            retry_after_s=exc.retry_after_s,
-        )
+        return overloaded(str(exc), exc.retry_after_s)
     if isinstance(exc, DeadlineExpired):
         return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), reason="DEADLINE_EXCEEDED")
     if isinstance(exc, NotReady):

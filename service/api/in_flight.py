@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from embedserve.service.api.errors import ApiError
+from embedserve.service.api.errors import ApiError, overloaded
 from embedserve.service.api.handlers import WrappedHandlers
 
 # CPU replicas: measured at full speed with 32 calls a torch thread in flight; more calls
@@ -37,13 +37,11 @@ def default_limit(*, on_cuda: bool, cpu_threads: int) -> int:
 
 
 def _refusal(limit: int) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    return overloaded(
         f"the server has {limit} calls in progress, its limit; retry after the RetryInfo "
         "delay or on another replica",
-        reason="OVERLOADED",
-        retry_after_s=RETRY_AFTER_S,
-        metadata={"limit": "max_calls_in_flight", "max_calls_in_flight": str(limit)},
+        RETRY_AFTER_S,
+        {"limit": "max_calls_in_flight", "max_calls_in_flight": str(limit)},
     )
 
 
