@@ -10,8 +10,10 @@ commands, one a line on stdin, so that ``bench.run`` can interleave ceiling meas
 with server measurements in one run without loading the model again.
 
 Commands: ``{"op": "throughput", "inputs": "short"|"bulk"|"mixed", "batch_size": 32,
-"seconds": 3, "sort": false}``, ``{"op": "forward_ms", "batch_size": 1, "length": 0,
-"repeats": 50}`` (length 0: the short sentences; else a batch of that many tokens each).
+"seconds": 3, "sort": false, "packed": false}`` (``packed``: the server's padding-free
+forward, ``service/models/packed_bert.py``, instead of plain transformers),
+``{"op": "forward_ms", "batch_size": 1, "length": 0, "repeats": 50}`` (length 0: the short
+sentences; else a batch of that many tokens each).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 
 from bench import texts as corpus
+from embedserve.service.models.packed_bert import PackedBertEncoder
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
 
@@ -41,6 +44,7 @@ class Ceiling:
         folder = corpus.model_folder()
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         self.model.eval()
+        self._packed = PackedBertEncoder(self.model)  # shares the model's weights
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.no_padding()
         tok.enable_truncation(MAX_TOKENS)
@@ -70,28 +74,38 @@ class Ceiling:
             mask[row, : len(seq)] = 1
         return ids, mask, sum(len(s) for s in batch)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, packed: bool = False) -> Any:
         with torch.inference_mode():
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            if packed:
+                pooled = self._packed(ids, mask).mean()
+            else:
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
             return F.normalize(pooled, p=2, dim=1).numpy()
 
     def throughput(
-        self, inputs: str, batch_size: int, seconds: float, sort: bool, threads: int = 0
+        self,
+        inputs: str,
+        batch_size: int,
+        seconds: float,
+        sort: bool,
+        threads: int = 0,
+        packed: bool = False,
     ) -> dict[str, Any]:
         """``threads`` > 0 runs this one measurement with that many torch threads."""
         if threads:
             torch.set_num_threads(threads)
         try:
-            result = self._throughput(inputs, batch_size, seconds, sort)
+            result = self._throughput(inputs, batch_size, seconds, sort, packed)
         finally:
             torch.set_num_threads(self.threads)
         result["threads"] = threads or self.threads
+        result["packed"] = packed
         return result
 
     def _throughput(
-        self, inputs: str, batch_size: int, seconds: float, sort: bool
+        self, inputs: str, batch_size: int, seconds: float, sort: bool, packed: bool
     ) -> dict[str, Any]:
         seqs = self.pool(inputs)
         if sort:
@@ -100,13 +114,13 @@ class Ceiling:
             self._tensors(seqs[i : i + batch_size])
             for i in range(0, len(seqs) - batch_size + 1, batch_size)
         ][:200]
-        self._forward(*batches[0][:2])  # warm
+        self._forward(*batches[0][:2], packed=packed)  # warm
         done_tokens = done_seqs = steps = 0
         padded = 0
         started = time.perf_counter()
         while True:
             ids, mask, tokens = batches[steps % len(batches)]
-            self._forward(ids, mask)
+            self._forward(ids, mask, packed)
             steps += 1
             done_tokens += tokens
             done_seqs += ids.shape[0]
@@ -126,29 +140,32 @@ class Ceiling:
         }
 
     def forward_ms(
-        self, batch_size: int, length: int, repeats: int, threads: int = 0
+        self, batch_size: int, length: int, repeats: int, threads: int = 0, packed: bool = False
     ) -> dict[str, Any]:
         if threads:
             torch.set_num_threads(threads)
         try:
-            result = self._forward_ms(batch_size, length, repeats)
+            result = self._forward_ms(batch_size, length, repeats, packed)
         finally:
             torch.set_num_threads(self.threads)
         result["threads"] = threads or self.threads
+        result["packed"] = packed
         return result
 
-    def _forward_ms(self, batch_size: int, length: int, repeats: int) -> dict[str, Any]:
+    def _forward_ms(
+        self, batch_size: int, length: int, repeats: int, packed: bool
+    ) -> dict[str, Any]:
         if length:
             seq = self.tokenizer.encode("warm up " * length).ids[:length]
             batch = [list(seq)] * batch_size
         else:
             batch = self.pool("short")[:batch_size]
         ids, mask, tokens = self._tensors(batch)
-        self._forward(ids, mask)
+        self._forward(ids, mask, packed)
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            self._forward(ids, mask)
+            self._forward(ids, mask, packed)
             times.append(time.perf_counter() - started)
         return {
             "batch_size": batch_size,
@@ -186,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = Ceiling(args.threads)
         for size in (1, 8, 32, 64):
             for sort in (False, True):
-                print(json.dumps(ceiling.throughput("short", size, 3.0, sort)))
+                for packed in (False, True):
+                    print(json.dumps(ceiling.throughput("short", size, 3.0, sort, packed=packed)))
         print(json.dumps(ceiling.forward_ms(1, 0, 50)))
         return 0
     serve(args.threads)

@@ -31,6 +31,11 @@ OVERLOAD_SERVERS = {
 Json = dict[str, Any]
 
 
+def _forward(ceiling_row: dict[str, Any]) -> str:
+    """Which forward a ceiling measurement ran (runs before the sixth session: plain)."""
+    return "padding-free" if ceiling_row.get("packed") else "plain"
+
+
 def _overload_key(server: str) -> str:
     return "overload" if server == "embedserve" else "overload_" + server.replace("-", "_")
 
@@ -327,12 +332,12 @@ def markdown(results: Json) -> str:
             "",
             "## Ceiling (model alone, short sentences)",
             "",
-            "| batch | length-sorted | tokens/s | sentences/s | padding |",
-            "|---:|---|---:|---:|---:|",
+            "| batch | length-sorted | forward | tokens/s | sentences/s | padding |",
+            "|---:|---|---|---:|---:|---:|",
         ]
         for r in ceiling["sweep"]:
             out.append(
-                f"| {r['batch_size']} | {'yes' if r['sorted'] else 'no'} | "
+                f"| {r['batch_size']} | {'yes' if r['sorted'] else 'no'} | {_forward(r)} | "
                 f"{_fmt(r['tokens_per_s'], 0)} | {_fmt(r['sentences_per_s'])} | "
                 f"{r['padding_ratio']:.0%} |"
             )
@@ -340,7 +345,8 @@ def markdown(results: Json) -> str:
         if less:
             out.append(
                 f"| {less['batch_size']} ({less['threads']} thread) | "
-                f"{'yes' if less['sorted'] else 'no'} | {_fmt(less['tokens_per_s'], 0)} | "
+                f"{'yes' if less['sorted'] else 'no'} | {_forward(less)} | "
+                f"{_fmt(less['tokens_per_s'], 0)} | "
                 f"{_fmt(less['sentences_per_s'])} | {less['padding_ratio']:.0%} |"
             )
         f1, fm = ceiling["forward_batch1_ms"], ceiling["forward_max_ms"]
@@ -420,7 +426,7 @@ def markdown(results: Json) -> str:
                 "Ceiling on the same texts: "
                 + "; ".join(
                     f"bs {c['batch_size']} {'sorted' if c['sorted'] else 'unsorted'} "
-                    f"{c['tokens_per_s']:.0f} tok/s"
+                    f"{_forward(c)} {c['tokens_per_s']:.0f} tok/s"
                     for c in scen["ceiling"]
                 )
                 + "."
@@ -528,6 +534,7 @@ def markdown(results: Json) -> str:
             "batch_32",
             "forward_nice",
             "dtype_bf16",
+            "padded",
         ):
             runs = _rounds(levers, variant)
             if runs and base:

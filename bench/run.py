@@ -34,6 +34,7 @@ from bench import profile as profiling
 from bench import texts as corpus
 from bench.loadgen import BulkSpec, LoadSpec, bulk_result, run_load, start_bulk
 from bench.stats import summary_ms
+from embedserve.service.api.in_flight import CALLS_PER_CPU_THREAD
 
 # The Envoy side of the overload A/B: name (in report.OVERLOAD_SERVERS) -> `embedserve cluster`
 # flags. Envoy's in-flight limit (32 a replica), twice it, and none that a flood reaches.
@@ -43,6 +44,8 @@ OVERLOAD_CLUSTERS: dict[str, tuple[str, ...]] = {
     "envoy-unbounded": ("--replica-in-flight", "4096"),
 }
 ENVOY_REPLICAS = 2
+# The server's default forward is the padding-free one (--padding-free true).
+SERVER_FORWARD_PACKED = True
 # The forward thread's nice value in the levers A/B; the default is 0.
 FORWARD_NICE = 5
 
@@ -221,14 +224,22 @@ class Suite:
             )
         if self.wants("levers"):
             fewer = max(1, threads - 1)
+            # The same call limit as the default server (auto: 32 a thread), so that only the
+            # thread count differs: with its own auto limit, 64 callers get refused.
             wanted["threads-fewer"] = lambda: procs.start_embedserve(
-                "threads-fewer", log_dir, fewer
+                "threads-fewer",
+                log_dir,
+                fewer,
+                ["--max-calls-in-flight", str(CALLS_PER_CPU_THREAD * threads)],
             )
             wanted["omp-passive"] = lambda: procs.start_embedserve(
                 "omp-passive", log_dir, threads, env={"OMP_WAIT_POLICY": "PASSIVE"}
             )
             wanted["batch-32"] = lambda: procs.start_embedserve(
                 "batch-32", log_dir, threads, ["--max-batch-size", "32"]
+            )
+            wanted["padded"] = lambda: procs.start_embedserve(
+                "padded", log_dir, threads, ["--padding-free", "false"]
             )
             # bfloat16 weights on the CPU: AMX makes them faster here, at a cosine of
             # 0.9999 to float32 (docs/benchmarks.md).
@@ -292,17 +303,8 @@ class Suite:
     # -- scenarios -------------------------------------------------------------------------
 
     def run_ceiling(self) -> None:
-        sweep = []
         seconds = 2.0 if self.quick else 3.0
-        for size in (1, 8, 32, 64):
-            for sort in (False, True):
-                if size == 1 and sort:
-                    continue  # no padding at batch 1: sorting changes nothing
-                sweep.append(
-                    self.ask_ceiling(
-                        op="throughput", inputs="short", batch_size=size, seconds=seconds, sort=sort
-                    )
-                )
+        sweep = self._ceiling_candidates("short", (1, 8, 32, 64), seconds)
         best = max(sweep, key=lambda r: r["tokens_per_s"])
         # The same model on one thread fewer: what a server that leaves a core to its
         # event loop, gRPC and tokenizer could reach (reported, not used as the ceiling).
@@ -316,10 +318,21 @@ class Suite:
                 seconds=seconds,
                 sort=best["sorted"],
                 threads=fewer,
+                packed=best["packed"],
             )
-        fwd1 = self.ask_ceiling(op="forward_ms", batch_size=1, length=0, repeats=50)
+        # Forward times are compared with the server's latency, so they time the forward the
+        # server runs by default (--padding-free).
+        fwd1 = self.ask_ceiling(
+            op="forward_ms", batch_size=1, length=0, repeats=50, packed=SERVER_FORWARD_PACKED
+        )
         count, length = MAX_FORWARD_SHAPE
-        fwd_max = self.ask_ceiling(op="forward_ms", batch_size=count, length=length, repeats=3)
+        fwd_max = self.ask_ceiling(
+            op="forward_ms",
+            batch_size=count,
+            length=length,
+            repeats=3,
+            packed=SERVER_FORWARD_PACKED,
+        )
         self.results["scenarios"]["ceiling"] = {
             "threads": self.threads,
             "sweep": sweep,
@@ -329,11 +342,35 @@ class Suite:
             "forward_max_ms": fwd_max,
         }
 
+    def _ceiling_candidates(
+        self, inputs: str, sizes: Sequence[int], seconds: float
+    ) -> list[dict[str, Any]]:
+        """Each batch size, length-sorted or not, with both forwards: the ceiling is the best
+        the model alone can do, and the server's padding-free forward may be it."""
+        return [
+            self.ask_ceiling(
+                op="throughput",
+                inputs=inputs,
+                batch_size=size,
+                seconds=seconds,
+                sort=sort,
+                packed=packed,
+            )
+            for size in sizes
+            for sort in (False, True)
+            if not (size == 1 and sort)  # no padding at batch 1: sorting changes nothing
+            for packed in (False, True)
+        ]
+
     def _ceiling_best(self) -> dict[str, Any]:
         best = self.results["scenarios"].get("ceiling", {}).get("best")
         if best is None:
-            return {"batch_size": 64, "sort": True}
-        return {"batch_size": best["batch_size"], "sort": best["sorted"]}
+            return {"batch_size": 64, "sort": True, "packed": False}
+        return {
+            "batch_size": best["batch_size"],
+            "sort": best["sorted"],
+            "packed": best.get("packed", False),
+        }
 
     def run_unary_and_peers(self) -> None:
         es = self.services["embedserve"]
@@ -352,6 +389,7 @@ class Suite:
                     seconds=3.0,
                     batch_size=best["batch_size"],
                     sort=best["sort"],
+                    packed=best["packed"],
                 )
             row["embedserve_c64"] = self.load(
                 f"round {r} embedserve c=64", self.spec(target, concurrency=64), es
@@ -370,7 +408,11 @@ class Suite:
                 )
             if self.ceiling is not None:
                 row["forward_batch1"] = self.ask_ceiling(
-                    op="forward_ms", batch_size=1, length=0, repeats=30
+                    op="forward_ms",
+                    batch_size=1,
+                    length=0,
+                    repeats=30,
+                    packed=SERVER_FORWARD_PACKED,
                 )
             row["embedserve_c1"] = self.load(
                 f"round {r} embedserve c=1", self.spec(target, concurrency=1), es
@@ -401,13 +443,7 @@ class Suite:
         server = self.services["bulk-20k"]
         scen: dict[str, Any] = {}
         if self.ceiling is not None:
-            before = [
-                self.ask_ceiling(
-                    op="throughput", inputs="bulk", batch_size=size, seconds=3.0, sort=sort
-                )
-                for size in (32, 64)
-                for sort in (False, True)
-            ]
+            before = self._ceiling_candidates("bulk", (32, 64), 3.0)
             scen["ceiling_before"] = max(before, key=lambda r: r["tokens_per_s"])
             scen["ceiling_candidates"] = before
         scen["20k"] = self._bulk_once(server, 20_000 if not self.quick else 5_000)
@@ -419,6 +455,7 @@ class Suite:
                 batch_size=best["batch_size"],
                 seconds=3.0,
                 sort=best["sorted"],
+                packed=best["packed"],
             )
         server.stop(30)
         if self.full:
@@ -498,13 +535,7 @@ class Suite:
         es = self.services["embedserve"]
         scen: dict[str, Any] = {}
         if self.ceiling is not None:
-            scen["ceiling"] = [
-                self.ask_ceiling(
-                    op="throughput", inputs="mixed", batch_size=size, seconds=4.0, sort=sort
-                )
-                for size in (8, 32)
-                for sort in (False, True)
-            ]
+            scen["ceiling"] = self._ceiling_candidates("mixed", (8, 32), 4.0)
         scen["c32"] = self.load(
             "mixed 16-512 c=32", self.spec(es.address, workload="mixed", concurrency=32), es
         )
@@ -678,6 +709,7 @@ class Suite:
             ("forward_nice", f"--forward-nice {FORWARD_NICE}", "forward-nice"),
             ("batch_32", "--max-batch-size 32", "batch-32"),
             ("dtype_bf16", "--dtype bfloat16", "dtype-bf16"),
+            ("padded", "--padding-free false", "padded"),
         ]
         for r in range(max(2, self.rounds - 1)):
             row = {

@@ -1,11 +1,13 @@
 """One small exception hierarchy for every failure the client reports.
 
 Each carries the gRPC code, the server's message, and the details the server sent in
-``google.rpc.Status``: the field violations, a reason, and a retry hint.
+``google.rpc.Status``: the field violations, a reason with its domain and metadata, and a
+retry hint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,12 @@ class FieldViolation:
 
 
 class EmbedServeError(Exception):
-    """Base class: ``code``, ``message``, ``violations``, ``reason``, ``retry_after``."""
+    """Base class: ``code``, ``message``, ``violations``, ``reason``, ``retry_after``.
+
+    ``reason``, ``domain`` and ``metadata`` come from the status's ``ErrorInfo``: e.g.
+    ``OVERLOADED`` from ``embedserve`` with ``{"limit": "max_calls_in_flight",
+    "max_calls_in_flight": "64"}`` when a replica's call limit refused the call.
+    """
 
     def __init__(
         self,
@@ -30,6 +37,8 @@ class EmbedServeError(Exception):
         violations: tuple[FieldViolation, ...] = (),
         reason: str = "",
         retry_after: float | None = None,
+        domain: str = "",
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
@@ -37,6 +46,8 @@ class EmbedServeError(Exception):
         self.violations = violations
         self.reason = reason
         self.retry_after = retry_after
+        self.domain = domain
+        self.metadata: Mapping[str, str] = dict(metadata or {})
 
 
 class InvalidArgumentError(EmbedServeError):
@@ -77,6 +88,8 @@ class BulkItemError(EmbedServeError):
             violations=cause.violations,
             reason=cause.reason,
             retry_after=cause.retry_after,
+            domain=cause.domain,
+            metadata=cause.metadata,
         )
         self.index = index
         self.cause = cause
@@ -99,7 +112,8 @@ def from_status(status: status_pb2.Status) -> EmbedServeError:
     """The exception for a ``google.rpc.Status`` (a trailer, or a stream item's error)."""
     code = _CODE_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     violations: list[FieldViolation] = []
-    reason = ""
+    reason = domain = ""
+    metadata: dict[str, str] = {}
     retry_after: float | None = None
     for detail in status.details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -109,14 +123,20 @@ def from_status(status: status_pb2.Status) -> EmbedServeError:
         elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason = info.reason
+            reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     error_class = _BY_CODE.get(code, ServerError)
     return error_class(
-        code, status.message, violations=tuple(violations), reason=reason, retry_after=retry_after
+        code,
+        status.message,
+        violations=tuple(violations),
+        reason=reason,
+        retry_after=retry_after,
+        domain=domain,
+        metadata=metadata,
     )
 
 

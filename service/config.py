@@ -43,6 +43,7 @@ class ServerConfig:
     min_dimensions: int | None = None
     default_instruction: str | None = None
     pooling: str | None = None
+    padding_free: bool = True
     truncation: str = "end"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -272,6 +273,13 @@ OPTIONS: tuple[Option, ...] = (
         "model's (Qwen3's web-search task; sentence-transformers' query prompt).",
     ),
     Option("pooling", "Override the embedding pooling.", choices=("mean", "cls", "last_token")),
+    Option(
+        "padding_free",
+        "Run BERT embedders on their real tokens only, not on the padding of a batch (same "
+        "vectors to about 1e-6; 1.2-1.5x the throughput of a batch of unequal lengths here). "
+        "Other model families always run padded.",
+        _bool,
+    ),
     Option(
         "truncation",
         "Truncation policy for requests that leave it unspecified.",

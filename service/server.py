@@ -104,6 +104,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         min_dimensions=config.min_dimensions,
         default_instruction=config.default_instruction,
         pooling=config.pooling,
+        padding_free=config.padding_free,
     )
     embedder = EmbeddingModel(
         adapter := load_embedder(embedder_options, device),
@@ -210,7 +211,14 @@ class Server:
             RerankServicer(self.registry, self.lifecycle, settings), server
         )
         info_service_pb2_grpc.add_InfoServiceServicer_to_server(
-            InfoServicer(describe(self.registry, settings.default_truncation)), server
+            InfoServicer(
+                describe(
+                    self.registry,
+                    settings.default_truncation,
+                    self.in_flight.limit if self.in_flight is not None else None,
+                )
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -20,6 +20,7 @@ from test_config import parse
 from test_deadlines_overload import embed_request, held, rejection_of
 from test_telemetry import scrape, value
 
+from embedserve.client.errors import OverloadedError, from_rpc_error
 from embedserve.service.api.in_flight import CALLS_PER_CPU_THREAD, default_limit
 from embedserve.service.engine.work import Lane
 from embedserve.v1 import embed_service_pb2, info_service_pb2, rerank_service_pb2
@@ -84,6 +85,12 @@ def test_a_call_past_the_limit_is_refused_before_the_engine_while_the_rest_is_se
                 "max_calls_in_flight": "2",
             }
             assert retry_after == pytest.approx(0.1)
+            # The Python client reads the same details.
+            client_error = from_rpc_error(refused)
+            assert isinstance(client_error, OverloadedError)
+            assert (client_error.reason, client_error.domain) == ("OVERLOADED", "embedserve")
+            assert client_error.metadata == dict(info.metadata)
+            assert client_error.retry_after == pytest.approx(0.1)
             rerank = rejection_of(
                 stubs.rerank.Rerank.future(
                     rerank_service_pb2.RerankRequest(query="q", documents=["d"])
@@ -101,6 +108,9 @@ def test_a_call_past_the_limit_is_refused_before_the_engine_while_the_rest_is_se
                 info_service_pb2.GetServerInfoRequest(), timeout=10
             )
             assert info_reply.models
+            # ... and tells clients the limit, so that they can size their concurrency.
+            assert info_reply.HasField("max_calls_in_flight")
+            assert info_reply.max_calls_in_flight == 2
             # Nor is a bulk stream: its item reaches the bulk lane.
             stream = stubs.embed.EmbedStream(
                 iter([embed_service_pb2.EmbedStreamRequest(id="s1", request=embed_request(["b"]))]),
@@ -163,6 +173,8 @@ def test_the_server_resolves_auto_and_zero(qwen3_embedding_folder: Path) -> None
         assert limit.limit == CALLS_PER_CPU_THREAD * torch.get_num_threads()
     with serving(model=qwen3_embedding_folder, warmup=False, max_calls_in_flight=0) as server:
         assert server.server.in_flight is None
+        info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=10)
+        assert not info.HasField("max_calls_in_flight")  # no limit: unset, not 0
         # Without the limit, many held calls are all accepted into the engine.
         with held(server):
             calls = [

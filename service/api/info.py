@@ -36,7 +36,9 @@ def _batching(limits: BatchLimits) -> info_service_pb2.BatchingLimits:
 
 
 def describe(
-    registry: ModelRegistry, default_truncation: Truncation
+    registry: ModelRegistry,
+    default_truncation: Truncation,
+    max_calls_in_flight: int | None = None,
 ) -> info_service_pb2.GetServerInfoResponse:
     truncation = _TRUNCATION[default_truncation]
     models = []
@@ -56,13 +58,16 @@ def describe(
                 default_truncation=truncation,
                 batching=_batching(embedder.engine.limits),
                 pooling=adapter.pooling,
+                padding_free=adapter.padding_free,
                 device=str(adapter.device.device),
                 dtype=adapter.device.dtype_name,
             )
         )
     for name, reranker in registry.rerankers.items():
         models.append(_describe_reranker(name, reranker, registry, truncation))
-    return info_service_pb2.GetServerInfoResponse(server_version=__version__, models=models)
+    return info_service_pb2.GetServerInfoResponse(
+        server_version=__version__, models=models, max_calls_in_flight=max_calls_in_flight
+    )
 
 
 def _describe_reranker(

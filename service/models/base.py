@@ -78,6 +78,11 @@ class EmbeddingAdapter(ModelAdapter):
     default_instruction: str
     pooling: str
 
+    @property
+    def padding_free(self) -> bool:
+        """Whether ``forward`` computes only the real tokens of a padded batch."""
+        return False
+
     @abstractmethod
     def query_prefix(self, instruction: str) -> str:
         """The text put before a query for this instruction (the model's prompt template)."""

@@ -17,6 +17,8 @@ class ModelOptions:
     min_dimensions: int | None = None
     default_instruction: str | None = None
     pooling: str | None = None
+    # BERT embedders: run the real tokens only (models/packed_bert.py).
+    padding_free: bool = True
 
     def input_limit(self, natural: int) -> int:
         """The served max input tokens: the model's own limit, or a lower override."""

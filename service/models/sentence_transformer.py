@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import AutoModel
 
@@ -19,9 +21,12 @@ from embedserve.service.models.folder import (
     read_sentence_transformers,
 )
 from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.packed_bert import PackedBatch, PackedBertEncoder, unsupported_reason
 from embedserve.service.models.tokenization import TextTokenizer
 
 POOLINGS = ("mean", "cls", "last_token")
+
+log = logging.getLogger(__name__)
 
 
 class SentenceTransformerEmbedder(EmbeddingAdapter):
@@ -54,12 +59,26 @@ class SentenceTransformerEmbedder(EmbeddingAdapter):
             query_prompt if options.default_instruction is None else options.default_instruction
         )
         self._model = load_weights(AutoModel, folder, device)
+        self._packed: PackedBertEncoder | None = None
+        if options.padding_free:
+            reason = unsupported_reason(self._model)
+            if reason is None:
+                self._packed = PackedBertEncoder(self._model)
+            else:
+                log.info("padding-free forward unavailable", extra={"reason": reason})
+        log.info("forward", extra={"model": self.name, "padding_free": self.padding_free})
+
+    @property
+    def padding_free(self) -> bool:  # overrides the base's constant
+        return self._packed is not None
 
     def query_prefix(self, instruction: str) -> str:
         # sentence-transformers prompts are plain prefixes.
         return instruction
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return self._pool_packed(self._packed(input_ids, attention_mask))
         hidden: torch.Tensor = self._model(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
@@ -68,3 +87,10 @@ class SentenceTransformerEmbedder(EmbeddingAdapter):
         if self.pooling == "cls":
             return hidden[:, 0]
         return gather_last_token(hidden, attention_mask)
+
+    def _pool_packed(self, packed: PackedBatch) -> torch.Tensor:
+        if self.pooling == "mean":
+            return packed.mean()
+        if self.pooling == "cls":
+            return packed.first()
+        return packed.last()

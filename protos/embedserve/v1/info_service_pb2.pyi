@@ -102,8 +102,14 @@ class GetServerInfoResponse(_message.Message):
 
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    MAX_CALLS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     """The embedserve version."""
+    max_calls_in_flight: _builtins.int
+    """Unary Embed and Rerank calls this server handles at once; one more is refused with
+    RESOURCE_EXHAUSTED (ErrorInfo OVERLOADED). A client can size its concurrency to it.
+    Unset when the server has no such limit.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
         """Every served model: embedding models for EmbedService, rerankers for RerankService."""
@@ -113,12 +119,15 @@ class GetServerInfoResponse(_message.Message):
         *,
         server_version: _builtins.str = ...,
         models: _abc.Iterable[Global___ModelInfo] | None = ...,
+        max_calls_in_flight: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_calls_in_flight", b"_max_calls_in_flight", "max_calls_in_flight", b"max_calls_in_flight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_calls_in_flight", b"_max_calls_in_flight", "max_calls_in_flight", b"max_calls_in_flight", "models", b"models", "server_version", b"server_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_calls_in_flight: _TypeAlias = _typing.Literal["max_calls_in_flight"]  # noqa: Y015
+    _WhichOneofArgType__max_calls_in_flight: _TypeAlias = _typing.Literal["_max_calls_in_flight", b"_max_calls_in_flight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_calls_in_flight) -> _WhichOneofReturnType__max_calls_in_flight | None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
 
@@ -192,6 +201,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     POOLING_FIELD_NUMBER: _builtins.int
+    PADDING_FREE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use in their `model` field."""
     kind: Global___ModelKind.ValueType
@@ -224,6 +234,10 @@ class ModelInfo(_message.Message):
     """"float32", "float16" or "bfloat16"."""
     pooling: _builtins.str
     """For embedding models: "mean", "cls" or "last_token"."""
+    padding_free: _builtins.bool
+    """For embedding models: whether the forward pass computes the real tokens of a batch
+    only, and none of its padding (BERT embedders, --padding-free).
+    """
     @_builtins.property
     def batching(self) -> Global___BatchingLimits:
         """The limits of the engine serving it."""
@@ -247,10 +261,11 @@ class ModelInfo(_message.Message):
         device: _builtins.str = ...,
         dtype: _builtins.str = ...,
         pooling: _builtins.str = ...,
+        padding_free: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "default_instruction", b"default_instruction", "default_truncation", b"default_truncation", "device", b"device", "dtype", b"dtype", "embedding_dimensions", b"embedding_dimensions", "embedding_model", b"embedding_model", "family", b"family", "is_default", b"is_default", "kind", b"kind", "max_dimensions", b"max_dimensions", "max_input_tokens", b"max_input_tokens", "min_dimensions", b"min_dimensions", "name", b"name", "pooling", b"pooling", "rerank_method", b"rerank_method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "default_instruction", b"default_instruction", "default_truncation", b"default_truncation", "device", b"device", "dtype", b"dtype", "embedding_dimensions", b"embedding_dimensions", "embedding_model", b"embedding_model", "family", b"family", "is_default", b"is_default", "kind", b"kind", "max_dimensions", b"max_dimensions", "max_input_tokens", b"max_input_tokens", "min_dimensions", b"min_dimensions", "name", b"name", "padding_free", b"padding_free", "pooling", b"pooling", "rerank_method", b"rerank_method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,138 @@
+"""The padding-free BERT forward computes what the padded Hugging Face forward computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from harness import InProcessServer
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from embedserve.service.engine.runner import BatchRunner
+from embedserve.service.models.base import DeviceSpec, gather_last_token, mean_pool
+from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
+from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
+from embedserve.service.models.tokenization import Truncation
+from embedserve.v1 import info_service_pb2
+
+CPU = DeviceSpec(torch.device("cpu"), torch.float32)
+
+
+def tiny_bert(seed: int, **overrides: Any) -> Any:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **overrides,
+    )
+    return BertModel(config).eval()  # type: ignore[no-untyped-call]
+
+
+def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(1, vocab, (length,), generator=generator)
+        mask[row, :length] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[3, 17, 9, 1, 17, 12], [5], [8, 8, 8]],
+    ids=["unequal", "one-sequence", "no-padding"],
+)
+def test_packed_hidden_states_and_poolings_match_the_padded_model(lengths: list[int]) -> None:
+    model = tiny_bert(seed=len(lengths))
+    ids, mask = right_padded(lengths, model.config.vocab_size, seed=sum(lengths))
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        packed = PackedBertEncoder(model)(ids, mask)
+    assert packed.hidden.shape == (sum(lengths), model.config.hidden_size)
+    assert packed.lengths.tolist() == lengths
+    torch.testing.assert_close(packed.hidden, hidden[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.mean(), mean_pool(hidden, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.first(), hidden[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.last(), gather_last_token(hidden, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_fusing_the_projections_leaves_the_model_unchanged_and_shares_its_weights() -> None:
+    model = tiny_bert(seed=7)
+    ids, mask = right_padded([4, 11, 7], model.config.vocab_size, seed=7)
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        encoder = PackedBertEncoder(model)
+        after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    attention = model.encoder.layer[0].attention.self
+    fused = encoder._layers[0].qkv_weight
+    for part, projection in enumerate((attention.query, attention.key, attention.value)):
+        assert projection.weight.data_ptr() == fused[part * 32].data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (
+            lambda: RobertaModel(
+                RobertaConfig(
+                    hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+                )
+            ),
+            "RobertaModel is not a BertModel",
+        ),
+        (lambda: tiny_bert(seed=1, position_embedding_type="relative_key"), "relative_key"),
+        (lambda: tiny_bert(seed=1, is_decoder=True), "decoder"),
+    ],
+    ids=["roberta", "relative-positions", "decoder"],
+)
+def test_models_it_cannot_run_are_named_and_refused(model: object, reason: str) -> None:
+    built = model()  # type: ignore[operator]
+    found = unsupported_reason(built)
+    assert found is not None and reason in found
+    with pytest.raises(ValueError, match="cannot run packed"):
+        PackedBertEncoder(built)
+    assert unsupported_reason(tiny_bert(seed=1)) is None
+
+
+def test_minilm_padding_free_and_padded_adapters_agree(minilm_folder: Path) -> None:
+    texts = [
+        "hi",
+        "The quick brown fox jumps over the lazy dog.",
+        "Embedding services turn text into vectors that retrieval systems can search, "
+        "and rerankers order the candidates that a first stage found for a query.",
+        " ".join(["retrieval"] * 300),  # truncated to the model's 256 tokens
+    ]
+    outputs = {}
+    for padding_free in (True, False):
+        options = ModelOptions(folder=minilm_folder, name="m", padding_free=padding_free)
+        adapter = SentenceTransformerEmbedder(options, CPU)
+        assert adapter.padding_free is padding_free
+        batch = [t.ids for t in adapter.tokenize(texts, "", Truncation.END)]
+        assert len({len(ids) for ids in batch}) == len(texts)  # a batch with padding
+        outputs[padding_free] = torch.from_numpy(BatchRunner(adapter).run(batch))
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=1e-5)
+
+
+def test_server_info_says_which_models_run_padding_free(
+    minilm_server: InProcessServer, qwen3_server: InProcessServer
+) -> None:
+    def padding_free(server: InProcessServer) -> dict[str, bool]:
+        info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=30)
+        return {
+            m.name: m.padding_free
+            for m in info.models
+            if m.kind == info_service_pb2.MODEL_KIND_EMBEDDING
+        }
+
+    assert padding_free(minilm_server) == {"all-MiniLM-L6-v2": True}
+    assert padding_free(qwen3_server) == {"qwen3-embedding-tiny": False}
