@@ -276,8 +276,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "padding_free",
         "Run BERT embedders on their real tokens only, not on the padding of a batch (same "
-        "vectors to about 1e-6; 1.2-1.5x the throughput of a batch of unequal lengths here). "
-        "Other model families always run padded.",
+        "vectors to about 1e-6). Here the forward of 64 texts of unequal lengths ran "
+        "1.35-1.6x faster, and the server at 64 callers served 1.04-1.2x the calls at 0.84x "
+        "the CPU a call. Other model families always run padded.",
         _bool,
     ),
     Option(
