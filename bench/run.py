@@ -35,6 +35,7 @@ from bench import texts as corpus
 from bench.loadgen import BulkSpec, LoadSpec, bulk_result, run_load, start_bulk
 from bench.stats import summary_ms
 from embedserve.service.api.in_flight import CALLS_PER_CPU_THREAD
+from embedserve.service.config import ServerConfig
 
 # The Envoy side of the overload A/B: name (in report.OVERLOAD_SERVERS) -> `embedserve cluster`
 # flags. Envoy's in-flight limit (32 a replica), twice it, and none that a flood reaches.
@@ -44,8 +45,8 @@ OVERLOAD_CLUSTERS: dict[str, tuple[str, ...]] = {
     "envoy-unbounded": ("--replica-in-flight", "4096"),
 }
 ENVOY_REPLICAS = 2
-# The server's default forward is the padding-free one (--padding-free true).
-SERVER_FORWARD_PACKED = True
+# Whether the server's default forward is the padding-free one (--padding-free).
+SERVER_FORWARD_PACKED = ServerConfig().padding_free
 # The forward thread's nice value in the levers A/B; the default is 0.
 FORWARD_NICE = 5
 

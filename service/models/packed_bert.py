@@ -28,17 +28,17 @@ class PackedBatch:
     """Hidden states of the real tokens of a right-padded batch, in batch order."""
 
     hidden: torch.Tensor  # [tokens, hidden]
-    sequence: torch.Tensor  # [tokens]: the row each token belongs to
     lengths: torch.Tensor  # [batch]: real tokens a row
 
     def mean(self) -> torch.Tensor:
         """Mean over each row's tokens, accumulated in float32."""
+        rows = self.lengths.shape[0]
         sums = torch.zeros(
-            (self.lengths.shape[0], self.hidden.shape[1]),
-            dtype=torch.float32,
-            device=self.hidden.device,
+            (rows, self.hidden.shape[1]), dtype=torch.float32, device=self.hidden.device
         )
-        sums.index_add_(0, self.sequence, self.hidden.float())
+        # The row each token belongs to.
+        row_of_token = torch.arange(rows, device=self.hidden.device).repeat_interleave(self.lengths)
+        sums.index_add_(0, row_of_token, self.hidden.float())
         return sums / self.lengths.clamp(min=1).unsqueeze(1).float()
 
     def first(self) -> torch.Tensor:
@@ -129,8 +129,7 @@ class PackedBertEncoder:
         key_mask = None if full else mask[:, None, None, :]
         for layer in self._layers:
             x = self._layer(layer, x, index, key_mask, batch, width)
-        sequence = torch.arange(batch, device=input_ids.device).repeat_interleave(lengths)
-        return PackedBatch(x, sequence, lengths)
+        return PackedBatch(x, lengths)
 
     @staticmethod
     def _layer(
