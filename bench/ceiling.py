@@ -10,10 +10,13 @@ commands, one a line on stdin, so that ``bench.run`` can interleave ceiling meas
 with server measurements in one run without loading the model again.
 
 Commands: ``{"op": "throughput", "inputs": "short"|"bulk"|"mixed", "batch_size": 32,
-"seconds": 3, "sort": false, "packed": false}`` (``packed``: the server's padding-free
-forward, ``service/models/packed_bert.py``, instead of plain transformers),
+"seconds": 3, "sort": false, "packed": false, "workers": 1}`` (``packed``: the server's
+padding-free forward, ``service/models/packed_bert.py``, instead of plain transformers;
+``workers``: that many threads each running batches with an equal share of the torch
+threads, as the server's ``--forward-workers`` do),
 ``{"op": "forward_ms", "batch_size": 1, "length": 0, "repeats": 50}`` (length 0: the short
-sentences; else a batch of that many tokens each).
+sentences, a different batch each repeat, as the load generator sends them; else a batch of
+that many tokens each).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -92,21 +96,10 @@ class Ceiling:
         sort: bool,
         threads: int = 0,
         packed: bool = False,
+        workers: int = 1,
     ) -> dict[str, Any]:
-        """``threads`` > 0 runs this one measurement with that many torch threads."""
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            result = self._throughput(inputs, batch_size, seconds, sort, packed)
-        finally:
-            torch.set_num_threads(self.threads)
-        result["threads"] = threads or self.threads
-        result["packed"] = packed
-        return result
-
-    def _throughput(
-        self, inputs: str, batch_size: int, seconds: float, sort: bool, packed: bool
-    ) -> dict[str, Any]:
+        """``threads`` > 0 runs this one measurement with that many torch threads in all."""
+        threads = threads or self.threads
         seqs = self.pool(inputs)
         if sort:
             seqs = sorted(seqs, key=len)
@@ -114,30 +107,59 @@ class Ceiling:
             self._tensors(seqs[i : i + batch_size])
             for i in range(0, len(seqs) - batch_size + 1, batch_size)
         ][:200]
-        self._forward(*batches[0][:2], packed=packed)  # warm
-        done_tokens = done_seqs = steps = 0
-        padded = 0
-        started = time.perf_counter()
-        while True:
-            ids, mask, tokens = batches[steps % len(batches)]
-            self._forward(ids, mask, packed)
-            steps += 1
-            done_tokens += tokens
-            done_seqs += ids.shape[0]
-            padded += ids.numel()
-            elapsed = time.perf_counter() - started
-            if elapsed >= seconds and steps >= 3:
-                break
+        # torch's thread count is per calling thread: each worker sets its own share.
+        counts = [_Count() for _ in range(workers)]
+        start = threading.Barrier(workers)
+        jobs = [
+            threading.Thread(
+                target=self._loop,
+                args=(batches[i::workers], packed, seconds, max(1, threads // workers), start, c),
+            )
+            for i, c in enumerate(counts)
+        ]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join()
+        elapsed = max(c.seconds for c in counts)
+        done_tokens = sum(c.tokens for c in counts)
         return {
             "inputs": inputs,
             "batch_size": batch_size,
             "sorted": sort,
             "tokens_per_s": done_tokens / elapsed,
-            "sentences_per_s": done_seqs / elapsed,
-            "padding_ratio": 1 - done_tokens / padded,
-            "batches": steps,
+            "sentences_per_s": sum(c.sequences for c in counts) / elapsed,
+            "padding_ratio": 1 - done_tokens / sum(c.padded for c in counts),
+            "batches": sum(c.batches for c in counts),
             "seconds": elapsed,
+            "threads": threads,
+            "packed": packed,
+            "workers": workers,
         }
+
+    def _loop(
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor, int]],
+        packed: bool,
+        seconds: float,
+        threads: int,
+        start: threading.Barrier,
+        count: _Count,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self._forward(*batches[0][:2], packed=packed)  # warm
+        start.wait()
+        started = time.perf_counter()
+        while True:
+            ids, mask, tokens = batches[count.batches % len(batches)]
+            self._forward(ids, mask, packed)
+            count.batches += 1
+            count.tokens += tokens
+            count.sequences += ids.shape[0]
+            count.padded += ids.numel()
+            count.seconds = time.perf_counter() - started
+            if count.seconds >= seconds and count.batches >= 3:
+                return
 
     def forward_ms(
         self, batch_size: int, length: int, repeats: int, threads: int = 0, packed: bool = False
@@ -157,24 +179,39 @@ class Ceiling:
     ) -> dict[str, Any]:
         if length:
             seq = self.tokenizer.encode("warm up " * length).ids[:length]
-            batch = [list(seq)] * batch_size
+            batches = [self._tensors([list(seq)] * batch_size)]
         else:
-            batch = self.pool("short")[:batch_size]
-        ids, mask, tokens = self._tensors(batch)
-        self._forward(ids, mask, packed)
+            # The sentences the load generator sends, not one of them: lengths differ, and
+            # the first sentence alone was 1-1.5 ms faster than their median at batch 1.
+            pool = self.pool("short")
+            batches = [
+                self._tensors(pool[i : i + batch_size])
+                for i in range(0, min(len(pool), repeats * batch_size), batch_size)
+            ]
+        self._forward(*batches[0][:2], packed)
         times = []
-        for _ in range(repeats):
+        for step in range(repeats):
+            ids, mask, _ = batches[step % len(batches)]
             started = time.perf_counter()
             self._forward(ids, mask, packed)
             times.append(time.perf_counter() - started)
+        widths = sorted(int(b[0].shape[1]) for b in batches)
         return {
             "batch_size": batch_size,
-            "tokens": tokens,
-            "width": int(ids.shape[1]),
+            "tokens": statistics.median(b[2] for b in batches),
+            "width": widths[len(widths) // 2],
             "median_ms": statistics.median(times) * 1e3,
             "min_ms": min(times) * 1e3,
             "repeats": repeats,
         }
+
+
+class _Count:
+    """One worker's share of a throughput measurement."""
+
+    def __init__(self) -> None:
+        self.batches = self.tokens = self.sequences = self.padded = 0
+        self.seconds = 0.0
 
 
 def serve(threads: int) -> None:
@@ -205,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             for sort in (False, True):
                 for packed in (False, True):
                     print(json.dumps(ceiling.throughput("short", size, 3.0, sort, packed=packed)))
+                if size > 1 and args.threads > 1:
+                    print(json.dumps(ceiling.throughput("short", size, 3.0, sort, True, workers=2)))
         print(json.dumps(ceiling.forward_ms(1, 0, 50)))
         return 0
     serve(args.threads)

@@ -32,8 +32,11 @@ Json = dict[str, Any]
 
 
 def _forward(ceiling_row: dict[str, Any]) -> str:
-    """Which forward a ceiling measurement ran (runs before the sixth session: plain)."""
-    return "padding-free" if ceiling_row.get("packed") else "plain"
+    """Which forward a ceiling measurement ran (runs before the sixth session: plain), and on
+    how many workers (before the seventh: one)."""
+    forward = "padding-free" if ceiling_row.get("packed") else "plain"
+    workers = ceiling_row.get("workers", 1)
+    return forward if workers == 1 else f"{forward}, {workers} workers"
 
 
 def _overload_key(server: str) -> str:
@@ -535,6 +538,7 @@ def markdown(results: Json) -> str:
             "forward_nice",
             "dtype_bf16",
             "padded",
+            "one_worker",
         ):
             runs = _rounds(levers, variant)
             if runs and base:

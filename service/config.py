@@ -24,6 +24,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
+    forward_workers: int = 0  # 0: auto, from the device and the threads
     forward_nice: int = 0
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
@@ -174,6 +175,12 @@ OPTIONS: tuple[Option, ...] = (
         "threads",
         "Torch intra-op threads on the CPU; 0 uses every CPU this process may use (affinity, "
         "capped by a cgroup CPU quota).",
+        _non_negative_int,
+    ),
+    Option(
+        "forward_workers",
+        "Batches that may run at once, sharing the torch threads (a batch alone gets them "
+        "all). 0: 2 on a CPU with 2 or more threads, else 1. More than 1 is for the CPU only.",
         _non_negative_int,
     ),
     Option(

@@ -77,10 +77,23 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     faults.configure()  # test-only hooks: ValueError for a fault variable without the switch
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(config.device, config.dtype)
+    cpu_threads = 0
     if device.device.type == "cpu":
-        threads = config.threads or available_cpus()
-        torch.set_num_threads(threads)
-        log.info("torch threads", extra={"threads": threads, "available_cpus": available_cpus()})
+        cpu_threads = config.threads or available_cpus()
+        torch.set_num_threads(cpu_threads)
+        log.info(
+            "torch threads",
+            extra={
+                "threads": cpu_threads,
+                "available_cpus": available_cpus(),
+                "forward_workers": forward_workers(config, cpu_threads),
+            },
+        )
+    elif config.forward_workers > 1:
+        raise ValueError(
+            f"--forward-workers {config.forward_workers}: more than one is for the CPU; "
+            f"on {device.device.type} batches run one at a time"
+        )
         if device.dtype == torch.float32 and has_amx_bf16():
             log.info(
                 "this CPU has AMX-BF16: --dtype bfloat16 is faster here, at a cosine of about "
@@ -108,7 +121,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     )
     embedder = EmbeddingModel(
         adapter := load_embedder(embedder_options, device),
-        _engine(adapter, limits, telemetry, config.forward_nice),
+        _engine(adapter, limits, telemetry, config, cpu_threads),
     )
     registry = ModelRegistry(default_embedder=name)
     registry.embedders[name] = embedder
@@ -125,18 +138,37 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         )
         reranker = load_reranker(reranker_options, device)
         registry.rerankers[reranker_name] = ModelReranker(
-            reranker, _engine(reranker, limits, telemetry, config.forward_nice)
+            reranker, _engine(reranker, limits, telemetry, config, cpu_threads)
         )
         registry.default_reranker = reranker_name
     install_caches(registry, config, folder, telemetry)  # an unusable Redis URL: ValueError
     return registry
 
 
+def forward_workers(config: ServerConfig, cpu_threads: int) -> int:
+    """Batches that may run at once: ``--forward-workers``, or on a CPU with two threads or
+    more, two (``engine/workers.py`` says why); one on a GPU, which runs them in turn."""
+    if config.forward_workers:
+        return config.forward_workers
+    return 2 if cpu_threads >= 2 else 1
+
+
 def _engine(
-    adapter: ModelAdapter, limits: BatchLimits, telemetry: Telemetry, forward_nice: int
+    adapter: ModelAdapter,
+    limits: BatchLimits,
+    telemetry: Telemetry,
+    config: ServerConfig,
+    cpu_threads: int,
 ) -> Engine:
     try:
-        return Engine(adapter, limits, telemetry.for_engine(adapter), forward_nice=forward_nice)
+        return Engine(
+            adapter,
+            limits,
+            telemetry.for_engine(adapter),
+            forward_nice=config.forward_nice,
+            forward_workers=forward_workers(config, cpu_threads),
+            cpu_threads=cpu_threads,
+        )
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc
 

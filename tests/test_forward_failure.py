@@ -24,11 +24,11 @@ def test_a_failed_forward_fails_its_callers_and_the_server_keeps_serving(
         real_run = runner.run
         failures = {"left": 1}
 
-        def failing_run(batch: Sequence[Sequence[int]]) -> np.ndarray:
+        def failing_run(batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
             if failures["left"]:
                 failures["left"] -= 1
                 raise RuntimeError("simulated device failure")
-            return real_run(batch)
+            return real_run(batch, threads)
 
         runner.run = failing_run  # type: ignore[method-assign]
         request = embed_service_pb2.EmbedRequest(inputs=["one", "two"])

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
-import os
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -30,6 +29,7 @@ from embedserve.service.engine.stats import EngineStats
 from embedserve.service.engine.throughput import DrainRate
 from embedserve.service.engine.tokenizer_pool import TokenizerPool
 from embedserve.service.engine.work import Lane, Outcome, QueuedSequence, WorkRequest
+from embedserve.service.engine.workers import ForwardWorkers, Placement
 from embedserve.service.models.base import ModelAdapter
 from embedserve.service.telemetry.engine_hooks import EngineTelemetry
 
@@ -58,7 +58,11 @@ class Engine:
         telemetry: EngineTelemetry | None = None,
         *,
         forward_nice: int = 0,
+        forward_workers: int = 1,
+        cpu_threads: int = 0,
     ) -> None:
+        """``forward_workers`` batches may run at once, sharing ``cpu_threads`` torch
+        threads (0: not on a CPU; see ``workers.py``)."""
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
         self.telemetry = telemetry or EngineTelemetry(adapter.name, "", None, None)
@@ -66,12 +70,7 @@ class Engine:
         self.stats = EngineStats()
         self.state = EngineState.STARTING
         self._runner = BatchRunner(adapter)
-        self._forward_thread = ThreadPoolExecutor(
-            1,
-            thread_name_prefix=f"forward-{adapter.name}",
-            initializer=_lower_priority,
-            initargs=(forward_nice,),
-        )
+        self.workers = ForwardWorkers(adapter.name, forward_workers, cpu_threads, forward_nice)
         self._tokenizer = TokenizerPool(adapter.name)
         self._scheduler = Scheduler(limits, self._expire)
         self._wakeup = asyncio.Event()
@@ -83,6 +82,8 @@ class Engine:
         self._held.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._batch_counter = 0
+        # Batches whose forward pass ended, waiting for the loop to deliver their rows.
+        self._finished: deque[tuple[_RunningBatch, tuple[np.ndarray, float] | Exception]] = deque()
         self.drain_rate = DrainRate(limits.max_batch_tokens, limits.max_batch_size)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -91,9 +92,16 @@ class Engine:
         """Warm up with a full-size batch, then start batching."""
         if warmup:
             batch = self._warmup_batch()
-            _, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._forward_thread, self._timed_forward, batch
-            )
+            # The first worker alone, with every thread: the conservative drain rate below.
+            # Released last, it is the worker that a lone batch goes to next.
+            (first,) = self.workers.place(1)
+            try:
+                _, seconds = await self.workers.run(
+                    first, self._timed_forward, batch, first.threads
+                )
+                await self._warm_other_workers(batch[0])
+            finally:
+                self.workers.release(first)
             # A full batch of the longest inputs: a conservative first drain rate, so that
             # admission by expected wait works from the first request.
             tokens = sum(len(s) for s in batch)
@@ -123,7 +131,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         self._tokenizer.close()
-        self._forward_thread.shutdown(wait=True)
+        self.workers.shutdown()
 
     def hold(self) -> None:
         """Stop starting new batches (queued work waits). For tests and operators' debugging."""
@@ -131,6 +139,7 @@ class Engine:
 
     def release(self) -> None:
         self._held.set()
+        self._wakeup.set()
 
     # -- the API the transport uses ------------------------------------------------
 
@@ -277,46 +286,109 @@ class Engine:
         )
         return [longest] * count
 
+    async def _warm_other_workers(self, longest: list[int]) -> None:
+        """One short forward pass on each free worker, together, so that their torch
+        threads exist before the first burst rather than being made during it."""
+        others = self.workers.place(self.workers.free) if self.workers.free else []
+        try:
+            await asyncio.gather(
+                *(
+                    self.workers.run(placement, self._timed_forward, [longest], placement.threads)
+                    for placement in others
+                )
+            )
+        finally:
+            for placement in others:
+                self.workers.release(placement)
+
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        running: _RunningBatch | None = None
         while True:
-            if running is None:
-                await self._held.wait()
-                running = self._start_batch(loop)
-                if running is None:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-            finished = running
-            try:
-                outputs: tuple[np.ndarray, float] | Exception = await finished.outputs
-            except Exception as exc:  # delivered to its callers below, never raised here
-                outputs = exc
-            # The next forward pass starts before this one's rows are delivered: the
-            # forward thread never waits while the event loop answers callers.
-            running = self._start_batch(loop) if self._held.is_set() else None
-            self._finish_batch(loop, finished, outputs)
+            self._wakeup.clear()
+            # Free workers get their next batch before finished rows are delivered: a
+            # worker never waits while the event loop answers callers.
+            if self._held.is_set():
+                self._start_batches(loop)
+            while self._finished:
+                finished, outputs = self._finished.popleft()
+                self._finish_batch(loop, finished, outputs)
+            await self._wakeup.wait()
 
-    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> _RunningBatch | None:
-        batch = self._scheduler.next_batch(loop.time())
-        if not batch:
-            return None
+    def _start_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fill the free workers that the queue is worth (``_batches_worth_starting``);
+        a queue smaller than that many full batches is split among them."""
+        count = self._batches_worth_starting()
+        now = loop.time()
+        batches: list[list[QueuedSequence]] = []
+        while len(batches) < count:
+            batch = self._scheduler.next_batch(now, share=count - len(batches))
+            if not batch:
+                break
+            batches.append(batch)
+        if not batches:
+            return
         self._bulk_space.set()
-        self._batch_counter += 1
-        padded = len(batch) * self._runner.padded_width([s.length for s in batch])
-        span = self.telemetry.batch_started(batch, padded)
-        ids = [seq.ids for seq in batch]
-        started = loop.time()
-        outputs = loop.run_in_executor(self._forward_thread, self._timed_forward, ids)
-        return _RunningBatch(self._batch_counter, batch, padded, started, outputs, span)
+        placements = self.workers.place(len(batches))
+        parallel = self.workers.busy
+        for batch, placement in zip(batches, placements, strict=True):
+            self._batch_counter += 1
+            padded = len(batch) * self._runner.padded_width([s.length for s in batch])
+            span = self.telemetry.batch_started(batch, padded, placement.threads)
+            ids = [seq.ids for seq in batch]
+            running = _RunningBatch(
+                self._batch_counter, batch, padded, loop.time(), placement, parallel, span
+            )
+            outputs = self.workers.run(placement, self._timed_forward, ids, placement.threads)
+            outputs.add_done_callback(functools.partial(self._forward_done, running))
 
-    def _timed_forward(self, ids: list[list[int]]) -> tuple[np.ndarray, float]:
-        # Timed on the forward thread: seen from the event loop, the time would include
-        # however long the loop took to notice, and under load the drain rate computed
-        # from it would fall, refuse more calls, load the loop more, and so on.
+    def _batches_worth_starting(self) -> int:
+        """How many batches to start now: one a free worker, but a batch of less than a
+        quarter of a full one (in sequences or tokens) never runs beside another.
+
+        Such a batch costs nearly as much as a full one and would take threads from the
+        others; alone, one batch of it gets every thread, and beside a running batch it
+        waits for that batch's worker. At 64 callers, starting every batch at once made a
+        third of them 8 sequences or fewer; waiting for half a batch left a worker idle
+        (docs/benchmarks.md, seventh session).
+        """
+        free = self.workers.free
+        if not free:
+            return 0
+        limits = self.limits
+        quarters = max(
+            max(
+                4 * self._scheduler.queued_sequences(lane) // limits.max_batch_size,
+                4 * self._scheduler.queued_tokens(lane) // limits.max_batch_tokens,
+            )
+            for lane in Lane
+        )
+        if not self.workers.busy:
+            quarters = max(1, quarters)
+        return min(free, quarters)
+
+    def _forward_done(
+        self, running: _RunningBatch, done: asyncio.Future[tuple[np.ndarray, float]]
+    ) -> None:
+        self.workers.release(running.placement)
+        if done.cancelled():  # the engine is stopping
+            return
+        error = done.exception()
+        outputs: tuple[np.ndarray, float] | Exception
+        if error is None:
+            outputs = done.result()
+        elif isinstance(error, Exception):  # delivered to the batch's callers, never raised
+            outputs = error
+        else:
+            outputs = RuntimeError(f"the forward worker raised {error!r}")
+        self._finished.append((running, outputs))
+        self._wakeup.set()
+
+    def _timed_forward(self, ids: list[list[int]], threads: int) -> tuple[np.ndarray, float]:
+        # Timed on the worker: seen from the event loop, the time would include however
+        # long the loop took to notice, and under load the drain rate computed from it
+        # would fall, refuse more calls, load the loop more, and so on.
         started = time.perf_counter()
-        outputs = self._runner.run(ids)
+        outputs = self._runner.run(ids, threads)
         return outputs, time.perf_counter() - started
 
     def _finish_batch(
@@ -349,38 +421,23 @@ class Engine:
         stats.tokens_computed += tokens
         stats.padded_tokens_computed += running.padded
         stats.forward_seconds += elapsed
-        self.drain_rate.observe(tokens, running.padded, len(batch), elapsed)
+        # Batches that ran side by side each took longer than one alone would, and the
+        # queue drained at their sum: a share of the time is this batch's.
+        self.drain_rate.observe(tokens, running.padded, len(batch), elapsed / running.parallel)
         batch_id, started = running.batch_id, running.started
         for seq, row in zip(batch, rows, strict=True):
             seq.request.deliver(batch_id, started, elapsed, seq.index, row)
 
 
-def _lower_priority(nice: int) -> None:
-    """Run the calling thread, and the torch worker threads it starts, ``nice`` lower.
-
-    Linux schedules threads, and a thread inherits its creator's nice value: the OpenMP
-    team of the forward thread is created by its first forward pass, after this. With the
-    event loop ahead of torch, a saturated CPU still answers calls, refuses the excess fast
-    and hands out results; torch takes what is left.
-    """
-    if nice <= 0:
-        return
-    thread = threading.get_native_id()
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, thread)
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
-    except OSError as exc:  # no per-thread priorities here: run at the process's
-        log.warning("cannot lower the forward thread's priority: %s", exc)
-
-
 @dataclass(frozen=True)
 class _RunningBatch:
-    """A batch handed to the forward thread, and what finishing it needs."""
+    """A batch handed to a forward worker, and what finishing it needs."""
 
     batch_id: int
     batch: list[QueuedSequence]
     padded: int
     started: float
-    # The rows, and the forward pass's seconds measured on the forward thread.
-    outputs: asyncio.Future[tuple[np.ndarray, float]]
+    placement: Placement
+    # Batches running when this one started, itself included.
+    parallel: int
     span: Span | None

@@ -1,11 +1,12 @@
 """How a batch runs on a device: padding, host-to-device copies, precision, OOM recovery.
 
-Runs on the engine's forward thread only.
+Runs on the engine's forward workers; one runner serves them all.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ class BatchRunner:
             self._stream: torch.cuda.Stream | None = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         else:
             self._stream = None
+        # torch's thread count is per calling thread: each forward worker keeps its own.
+        self._threads = threading.local()
 
     def padded_width(self, lengths: Sequence[int]) -> int:
         width = max(lengths)
@@ -40,8 +43,14 @@ class BatchRunner:
             width = -(-width // _CUDA_WIDTH_MULTIPLE) * _CUDA_WIDTH_MULTIPLE
         return width
 
-    def run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """One output row a sequence, as float32 on the host."""
+    def run(self, batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+        """One output row a sequence, as float32 on the host.
+
+        ``threads``: torch threads for this batch on the CPU (0: as they are).
+        """
+        if threads and getattr(self._threads, "count", 0) != threads:
+            torch.set_num_threads(threads)
+            self._threads.count = threads
         if not self._cuda:
             return self._forward(batch)
         try:

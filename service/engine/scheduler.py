@@ -85,19 +85,24 @@ class Scheduler:
         request.queued_tokens = request.queued_count = 0
         return dropped
 
-    def next_batch(self, now: float) -> list[QueuedSequence]:
+    def next_batch(self, now: float, share: int = 1) -> list[QueuedSequence]:
         """The next forward pass: the oldest live sequence (by aged time) and the queued
         sequences of its lane closest to it in length, within the budget.
 
         Interactive work goes first; bulk work gets a batch once it has waited
         ``bulk_aging_s`` since it arrived or since the bulk lane's last batch, whichever is
         later. So bulk is served at least once every ``bulk_aging_s`` under any interactive
-        load, and an interactive call waits at most for the batch already running."""
+        load, and an interactive call waits at most for the batch already running.
+
+        ``share``: how many batches are starting now (one a free forward worker). The batch
+        takes at most its share of the lane, so that a queue smaller than that many full
+        batches is split among the workers instead of leaving all but one idle."""
         queue = self._pick_lane(now)
         if queue is None:
             return []
+        size = min(self.limits.max_batch_size, -(-queue.count // max(1, share)))
         pool = self._take_window(queue, now)
-        chosen, rest = self._group_by_length(pool)
+        chosen, rest = self._group_by_length(pool, size)
         queue.items.extendleft(reversed(rest))
         queue.last_served = now
         for seq in chosen:
@@ -133,12 +138,11 @@ class Scheduler:
         return pool
 
     def _group_by_length(
-        self, pool: list[QueuedSequence]
+        self, pool: list[QueuedSequence], max_size: int
     ) -> tuple[list[QueuedSequence], list[QueuedSequence]]:
         """Grow a batch around the oldest sequence, adding the neighbours in length order
         that are closest to it, while count x longest stays within the token budget."""
         budget = self.limits.max_batch_tokens
-        max_size = self.limits.max_batch_size
         order = sorted(range(len(pool)), key=lambda i: (pool[i].length, i))
         lengths = [pool[i].length for i in order]
         seed = order.index(0)

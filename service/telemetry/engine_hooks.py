@@ -62,7 +62,10 @@ class EngineTelemetry:
             span.end()
             request.queue_span = None
 
-    def batch_started(self, batch: list[QueuedSequence], padded_tokens: int) -> Span | None:
+    def batch_started(
+        self, batch: list[QueuedSequence], padded_tokens: int, threads: int = 0
+    ) -> Span | None:
+        """``threads``: the torch threads the batch got on the CPU (0: not on a CPU)."""
         if self.tracer is None:
             return None
         requests: dict[int, WorkRequest] = {}
@@ -96,6 +99,7 @@ class EngineTelemetry:
                 "embedserve.batch.padding_ratio": 1 - tokens / padded_tokens
                 if padded_tokens
                 else 0.0,
+                **({"embedserve.batch.threads": threads} if threads else {}),
             },
         )
 

@@ -1,0 +1,249 @@
+"""Forward workers: batches that run side by side, sharing the CPU threads.
+
+The engine is held while a test fills the queue, and the runner is wrapped so that a test
+sees each batch (its size and threads) and can keep it running; what starts when is then
+decided by the code under test, not by how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from harness import InProcessServer, serving, wait_until
+
+from embedserve.service.config import ServerConfig
+from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.work import Lane
+from embedserve.service.engine.workers import ForwardWorkers, Placement
+from embedserve.service.server import forward_workers
+
+MAX_BATCH_SIZE = 32  # a quarter of a full batch: 8 sequences
+SEQUENCE = [5, 6, 7, 8]
+
+
+# -- the thread budget ------------------------------------------------------------------
+
+
+def test_a_batch_alone_gets_every_thread() -> None:
+    workers = ForwardWorkers("t", 2, cpu_threads=4)
+    try:
+        (alone,) = workers.place(1)
+        assert alone.threads == 4
+        workers.release(alone)
+        assert workers.free == 2
+    finally:
+        workers.shutdown()
+
+
+def test_batches_starting_together_split_the_threads() -> None:
+    workers = ForwardWorkers("t", 3, cpu_threads=5)
+    try:
+        placements = workers.place(3)
+        assert sorted(p.threads for p in placements) == [1, 2, 2]
+        assert len({p.worker for p in placements}) == 3
+        assert workers.free == 0
+        with pytest.raises(ValueError, match="cannot place 1 batches on 0 free workers"):
+            workers.place(1)
+    finally:
+        workers.shutdown()
+
+
+def test_a_batch_beside_a_running_one_gets_what_is_left_and_at_least_one() -> None:
+    workers = ForwardWorkers("t", 2, cpu_threads=2)
+    try:
+        (first,) = workers.place(1)
+        (second,) = workers.place(1)
+        assert (first.threads, second.threads) == (2, 1)  # oversubscribed until first ends
+        workers.release(first)
+        (third,) = workers.place(1)
+        assert third.threads == 1  # the second batch still holds one
+        workers.release(second)
+        workers.release(third)
+        assert workers.place(2) == [Placement(third.worker, 1), Placement(second.worker, 1)]
+    finally:
+        workers.shutdown()
+
+
+def test_off_the_cpu_threads_are_left_alone() -> None:
+    workers = ForwardWorkers("t", 1, cpu_threads=0)
+    try:
+        assert workers.place(1) == [Placement(0, 0)]
+    finally:
+        workers.shutdown()
+
+
+def test_default_worker_count_follows_the_threads() -> None:
+    assert forward_workers(ServerConfig(), cpu_threads=2) == 2
+    assert forward_workers(ServerConfig(), cpu_threads=16) == 2
+    assert forward_workers(ServerConfig(), cpu_threads=1) == 1
+    assert forward_workers(ServerConfig(), cpu_threads=0) == 1  # a GPU
+    assert forward_workers(ServerConfig(forward_workers=3), cpu_threads=2) == 3
+
+
+# -- the engine with two workers ----------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """Wraps the runner: records each batch and can keep batches running until let go."""
+
+    batches: list[tuple[int, int, int]] = field(default_factory=list)  # size, threads, torch's
+    gate: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: int = 0
+    most_at_once: int = 0
+
+    def wrap(self, engine: Engine) -> None:
+        real_run = engine._runner.run
+
+        def run(batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+            with self.lock:
+                self.running += 1
+                self.most_at_once = max(self.most_at_once, self.running)
+            try:
+                rows = real_run(batch, threads)
+                # Read on the worker, after the runner set it: what torch really used.
+                self.batches.append((len(batch), threads, torch.get_num_threads()))
+                assert self.gate.wait(30), "the test never let the batch finish"
+                return rows
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        engine._runner.run = run  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_embedding_folder: Path) -> Iterator[InProcessServer]:
+    with serving(
+        model=qwen3_embedding_folder,
+        warmup=False,
+        threads=2,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_queue_delay_ms=0,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def recorder(server: InProcessServer) -> Iterator[Recorder]:
+    (engine,) = server.engines
+    real_run = engine._runner.run
+    recorder = Recorder()
+    recorder.wrap(engine)
+    try:
+        yield recorder
+    finally:
+        recorder.gate.set()
+        wait_until(lambda: server.call(lambda: engine.outstanding) == 0, what="idle engine")
+        engine._runner.run = real_run  # type: ignore[method-assign]
+
+
+def submit(server: InProcessServer, count: int, sequence: list[int] = SEQUENCE) -> Future[object]:
+    """Queue one request of ``count`` sequences on the server's loop; its future."""
+    (engine,) = server.engines
+
+    async def compute() -> object:
+        return await engine.compute([sequence] * count, Lane.INTERACTIVE, None)
+
+    return asyncio.run_coroutine_threadsafe(compute(), server._loop)
+
+
+def computed(server: InProcessServer) -> int:
+    (engine,) = server.engines
+    return server.call(lambda: engine.stats.sequences_computed)
+
+
+def queued(server: InProcessServer) -> int:
+    (engine,) = server.engines
+    return server.call(lambda: engine.queued_sequences(Lane.INTERACTIVE))
+
+
+def test_two_workers_by_default_for_two_threads(server: InProcessServer) -> None:
+    (engine,) = server.engines
+    assert engine.workers.count == 2 and engine.workers.cpu_threads == 2
+
+
+def test_a_lone_request_runs_on_every_thread(server: InProcessServer, recorder: Recorder) -> None:
+    recorder.gate.set()
+    before = computed(server)
+    submit(server, 3)
+    wait_until(lambda: computed(server) == before + 3, what="the request to be computed")
+    assert recorder.batches == [(3, 2, 2)]
+
+
+def test_a_queue_is_split_between_free_workers_that_run_at_once(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    (engine,) = server.engines
+    before = computed(server)
+    server.call(engine.hold)
+    submit(server, 20)
+    wait_until(lambda: queued(server) == 20, what="the sequences to be queued")
+    server.call(engine.release)
+    # Both batches are inside the runner at once, and neither can end before the gate.
+    wait_until(lambda: len(recorder.batches) == 2, what="two batches running at once")
+    assert recorder.running == 2
+    assert sorted(recorder.batches) == [(10, 1, 1), (10, 1, 1)]
+    recorder.gate.set()
+    wait_until(lambda: computed(server) == before + 20, what="the split request to finish")
+    assert recorder.most_at_once == 2
+
+
+def test_a_small_queue_waits_for_the_running_batch_and_a_large_one_does_not(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    before = computed(server)
+    submit(server, 1)
+    wait_until(lambda: len(recorder.batches) == 1, what="the first batch to start")
+    # Fewer than a quarter of a full batch (8): not worth the idle worker.
+    submit(server, 7)
+    wait_until(lambda: queued(server) == 7, what="the small request to be queued")
+    assert recorder.running == 1 and len(recorder.batches) == 1
+    # A quarter of a full batch: the idle worker takes the queue beside the running batch.
+    submit(server, 1)
+    wait_until(lambda: len(recorder.batches) == 2, what="a second batch beside the first")
+    assert recorder.running == 2
+    assert recorder.batches[0] == (1, 2, 2)
+    assert recorder.batches[1] == (8, 1, 1)  # beside a 2-thread batch: the one left over
+    recorder.gate.set()
+    wait_until(lambda: computed(server) == before + 9, what="every request to finish")
+    assert queued(server) == 0
+
+
+def test_a_failed_batch_fails_only_its_callers_while_the_other_worker_runs(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    (engine,) = server.engines
+    recorded_run = engine._runner.run
+    poison = [9, 9, 9]
+
+    def run(batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+        if list(batch[0]) == poison:
+            raise RuntimeError("simulated device failure")
+        return recorded_run(batch, threads)
+
+    engine._runner.run = run  # type: ignore[method-assign]
+    failures = server.call(lambda: engine.stats.forward_failures)
+    long_running = submit(server, 10)
+    wait_until(lambda: len(recorder.batches) == 1, what="the first batch to start")
+    failed = submit(server, 8, poison)  # a quarter of a full batch: on the other worker
+    wait_until(
+        lambda: server.call(lambda: engine.stats.forward_failures) == failures + 1,
+        what="the failed batch",
+    )
+    with pytest.raises(Exception, match="forward pass failed"):
+        failed.result(30)
+    assert recorder.running == 1 and not long_running.done()
+    recorder.gate.set()
+    assert len(long_running.result(30).outputs) == 10  # type: ignore[attr-defined]
+    # Both workers are free again: a request that fills both still runs.
+    assert len(submit(server, 20).result(30).outputs) == 20  # type: ignore[attr-defined]
