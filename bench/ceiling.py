@@ -100,6 +100,7 @@ class Ceiling:
     ) -> dict[str, Any]:
         """``threads`` > 0 runs this one measurement with that many torch threads in all."""
         threads = threads or self.threads
+        workers = min(workers, threads)  # a worker has at least one thread
         seqs = self.pool(inputs)
         if sort:
             seqs = sorted(seqs, key=len)

@@ -4,7 +4,7 @@ On a CPU, torch splits each operator across its threads and waits at the end of 
 for the slowest. The event loop, gRPC and the tokenizer need the same cores, so one batch
 on all the threads keeps stopping for whichever thread the kernel paused. Two batches on
 two workers with a thread each do not wait for one another. Measured here (2 cores, the
-model alone; docs/benchmarks.md, seventh session): +10-12% with the cores to themselves,
+model alone; docs/benchmarks.md, seventh session): +10-27% with the cores to themselves,
 +31-42% beside a thread that holds a core 30% of the time.
 
 A batch that runs alone still gets every thread, so one caller waits no longer than with a
