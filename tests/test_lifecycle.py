@@ -37,6 +37,7 @@ LIMITS: dict[str, int] = {
     "max_queue_tokens": 20000,
     "stream_window": 8,
     "max_queue_delay_ms": 250,
+    "forward_workers": 3,  # not the default (2 for the tests' 2 threads)
 }
 
 
@@ -161,6 +162,7 @@ def test_info_describes_the_qwen3_embedder(qwen3_info_server: InProcessServer) -
         "max_queue_tokens": batching.max_queue_tokens,
         "stream_window": batching.stream_window,
         "max_queue_delay_ms": batching.max_queue_delay.ToMilliseconds(),
+        "forward_workers": batching.forward_workers,
     } == LIMITS
     assert batching.HasField("max_queue_delay")
 

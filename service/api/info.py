@@ -5,7 +5,7 @@ from __future__ import annotations
 from embedserve.service import __version__
 from embedserve.service.api.calls import Context
 from embedserve.service.api.encoding import duration
-from embedserve.service.engine.limits import BatchLimits
+from embedserve.service.engine.engine import Engine
 from embedserve.service.inference import Reranker
 from embedserve.service.models.base import RerankMethod
 from embedserve.service.models.tokenization import Truncation
@@ -24,7 +24,8 @@ _RERANK_METHOD = {
 }
 
 
-def _batching(limits: BatchLimits) -> info_service_pb2.BatchingLimits:
+def _batching(engine: Engine) -> info_service_pb2.BatchingLimits:
+    limits = engine.limits
     return info_service_pb2.BatchingLimits(
         max_batch_tokens=limits.max_batch_tokens,
         max_batch_size=limits.max_batch_size,
@@ -32,6 +33,7 @@ def _batching(limits: BatchLimits) -> info_service_pb2.BatchingLimits:
         max_queue_tokens=limits.max_queue_tokens,
         stream_window=limits.stream_window,
         max_queue_delay=duration(limits.max_queue_delay_s) if limits.max_queue_delay_s else None,
+        forward_workers=engine.workers.count,
     )
 
 
@@ -56,7 +58,7 @@ def describe(
                 max_input_tokens=adapter.max_input_tokens,
                 default_instruction=adapter.default_instruction,
                 default_truncation=truncation,
-                batching=_batching(embedder.engine.limits),
+                batching=_batching(embedder.engine),
                 pooling=adapter.pooling,
                 padding_free=adapter.padding_free,
                 device=str(adapter.device.device),
@@ -88,7 +90,7 @@ def _describe_reranker(
         max_input_tokens=adapter.max_input_tokens,
         default_instruction=reranker.default_instruction,
         default_truncation=truncation,
-        batching=_batching(reranker.engine.limits),
+        batching=_batching(reranker.engine),
         device=str(adapter.device.device),
         dtype=adapter.device.dtype_name,
     )

@@ -26,25 +26,25 @@ from embedserve.v1 import common_pb2 as embedserve_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n embedserve/v1/info_service.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\x16\n\x14GetServerInfoRequest\"\x93\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12(\n\x06models\x18\x02 \x03(\x0b\x32\x18.embedserve.v1.ModelInfo\x12 \n\x13max_calls_in_flight\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x16\n\x14_max_calls_in_flight\"\xe0\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x1e\n\x16max_inputs_per_request\x18\x03 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x04 \x01(\x04\x12\x15\n\rstream_window\x18\x05 \x01(\r\x12\x37\n\x0fmax_queue_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x12\n\x10_max_queue_delay\"\xeb\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.embedserve.v1.ModelKind\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12\x32\n\rrerank_method\x18\x05 \x01(\x0e\x32\x1b.embedserve.v1.RerankMethod\x12\x17\n\x0f\x65mbedding_model\x18\x06 \x01(\t\x12\x1c\n\x14\x65mbedding_dimensions\x18\x07 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x08 \x01(\r\x12\x16\n\x0emax_dimensions\x18\t \x01(\r\x12\x18\n\x10max_input_tokens\x18\n \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x0b \x01(\t\x12;\n\x12\x64\x65\x66\x61ult_truncation\x18\x0c \x01(\x0e\x32\x1f.embedserve.v1.TruncationPolicy\x12/\n\x08\x62\x61tching\x18\r \x01(\x0b\x32\x1d.embedserve.v1.BatchingLimits\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0f\n\x07pooling\x18\x10 \x01(\t\x12\x14\n\x0cpadding_free\x18\x11 \x01(\x08*Z\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x01\x12\x17\n\x13MODEL_KIND_RERANKER\x10\x02*\x97\x01\n\x0cRerankMethod\x12\x1d\n\x19RERANK_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1bRERANK_METHOD_CROSS_ENCODER\x10\x01\x12\x1f\n\x1bRERANK_METHOD_YES_NO_LOGITS\x10\x02\x12&\n\"RERANK_METHOD_EMBEDDING_SIMILARITY\x10\x03\x32i\n\x0bInfoService\x12Z\n\rGetServerInfo\x12#.embedserve.v1.GetServerInfoRequest\x1a$.embedserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n embedserve/v1/info_service.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\x16\n\x14GetServerInfoRequest\"\x93\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12(\n\x06models\x18\x02 \x03(\x0b\x32\x18.embedserve.v1.ModelInfo\x12 \n\x13max_calls_in_flight\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x16\n\x14_max_calls_in_flight\"\xf9\x01\n\x0e\x42\x61tchingLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x1e\n\x16max_inputs_per_request\x18\x03 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x04 \x01(\x04\x12\x15\n\rstream_window\x18\x05 \x01(\r\x12\x37\n\x0fmax_queue_delay\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x12\x17\n\x0f\x66orward_workers\x18\x07 \x01(\rB\x12\n\x10_max_queue_delay\"\xeb\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.embedserve.v1.ModelKind\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12\x32\n\rrerank_method\x18\x05 \x01(\x0e\x32\x1b.embedserve.v1.RerankMethod\x12\x17\n\x0f\x65mbedding_model\x18\x06 \x01(\t\x12\x1c\n\x14\x65mbedding_dimensions\x18\x07 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x08 \x01(\r\x12\x16\n\x0emax_dimensions\x18\t \x01(\r\x12\x18\n\x10max_input_tokens\x18\n \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x0b \x01(\t\x12;\n\x12\x64\x65\x66\x61ult_truncation\x18\x0c \x01(\x0e\x32\x1f.embedserve.v1.TruncationPolicy\x12/\n\x08\x62\x61tching\x18\r \x01(\x0b\x32\x1d.embedserve.v1.BatchingLimits\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0f\n\x07pooling\x18\x10 \x01(\t\x12\x14\n\x0cpadding_free\x18\x11 \x01(\x08*Z\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x01\x12\x17\n\x13MODEL_KIND_RERANKER\x10\x02*\x97\x01\n\x0cRerankMethod\x12\x1d\n\x19RERANK_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1bRERANK_METHOD_CROSS_ENCODER\x10\x01\x12\x1f\n\x1bRERANK_METHOD_YES_NO_LOGITS\x10\x02\x12&\n\"RERANK_METHOD_EMBEDDING_SIMILARITY\x10\x03\x32i\n\x0bInfoService\x12Z\n\rGetServerInfo\x12#.embedserve.v1.GetServerInfoRequest\x1a$.embedserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedserve.v1.info_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELKIND']._serialized_start=1006
-  _globals['_MODELKIND']._serialized_end=1096
-  _globals['_RERANKMETHOD']._serialized_start=1099
-  _globals['_RERANKMETHOD']._serialized_end=1250
+  _globals['_MODELKIND']._serialized_start=1031
+  _globals['_MODELKIND']._serialized_end=1121
+  _globals['_RERANKMETHOD']._serialized_start=1124
+  _globals['_RERANKMETHOD']._serialized_end=1275
   _globals['_GETSERVERINFOREQUEST']._serialized_start=111
   _globals['_GETSERVERINFOREQUEST']._serialized_end=133
   _globals['_GETSERVERINFORESPONSE']._serialized_start=136
   _globals['_GETSERVERINFORESPONSE']._serialized_end=283
   _globals['_BATCHINGLIMITS']._serialized_start=286
-  _globals['_BATCHINGLIMITS']._serialized_end=510
-  _globals['_MODELINFO']._serialized_start=513
-  _globals['_MODELINFO']._serialized_end=1004
-  _globals['_INFOSERVICE']._serialized_start=1252
-  _globals['_INFOSERVICE']._serialized_end=1357
+  _globals['_BATCHINGLIMITS']._serialized_end=535
+  _globals['_MODELINFO']._serialized_start=538
+  _globals['_MODELINFO']._serialized_end=1029
+  _globals['_INFOSERVICE']._serialized_start=1277
+  _globals['_INFOSERVICE']._serialized_end=1382
 # @@protoc_insertion_point(module_scope)

@@ -143,6 +143,7 @@ class BatchingLimits(_message.Message):
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _builtins.int
     STREAM_WINDOW_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_DELAY_FIELD_NUMBER: _builtins.int
+    FORWARD_WORKERS_FIELD_NUMBER: _builtins.int
     max_batch_tokens: _builtins.int
     """Token budget of one forward pass, padding included."""
     max_batch_size: _builtins.int
@@ -153,6 +154,10 @@ class BatchingLimits(_message.Message):
     """Tokens the interactive lane may hold before calls get RESOURCE_EXHAUSTED."""
     stream_window: _builtins.int
     """Items a stream may have in flight before the server stops reading it."""
+    forward_workers: _builtins.int
+    """Batches that may run at once, sharing the CPU's torch threads (--forward-workers);
+    1 on a GPU.
+    """
     @_builtins.property
     def max_queue_delay(self) -> _duration_pb2.Duration:
         """Longest expected queue wait an interactive call is admitted into. Unset when
@@ -168,10 +173,11 @@ class BatchingLimits(_message.Message):
         max_queue_tokens: _builtins.int = ...,
         stream_window: _builtins.int = ...,
         max_queue_delay: _duration_pb2.Duration | None = ...,
+        forward_workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay", "max_queue_delay", b"max_queue_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_delay", b"max_queue_delay", "max_queue_tokens", b"max_queue_tokens", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay", "forward_workers", b"forward_workers", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_delay", b"max_queue_delay", "max_queue_tokens", b"max_queue_tokens", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_queue_delay: _TypeAlias = _typing.Literal["max_queue_delay"]  # noqa: Y015
     _WhichOneofArgType__max_queue_delay: _TypeAlias = _typing.Literal["_max_queue_delay", b"_max_queue_delay"]  # noqa: Y015
