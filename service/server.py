@@ -81,14 +81,22 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     if device.device.type == "cpu":
         cpu_threads = config.threads or available_cpus()
         torch.set_num_threads(cpu_threads)
+        workers = forward_workers(config, cpu_threads)
         log.info(
             "torch threads",
             extra={
                 "threads": cpu_threads,
                 "available_cpus": available_cpus(),
-                "forward_workers": forward_workers(config, cpu_threads),
+                "forward_workers": workers,
             },
         )
+        if workers > cpu_threads:
+            log.warning(
+                "more forward workers than torch threads: every batch still gets a thread, "
+                "so up to %d threads may compete for %d",
+                workers,
+                cpu_threads,
+            )
     elif config.forward_workers > 1:
         raise ValueError(
             f"--forward-workers {config.forward_workers}: more than one is for the CPU; "

@@ -8,6 +8,8 @@ decided by the code under test, not by how fast this machine is.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -17,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import InProcessServer, serving, wait_until
+from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.work import Lane
 from embedserve.service.engine.workers import ForwardWorkers, Placement
-from embedserve.service.server import forward_workers
+from embedserve.service.server import build_registry, forward_workers
 
 MAX_BATCH_SIZE = 32  # a quarter of a full batch: 8 sequences
 SEQUENCE = [5, 6, 7, 8]
@@ -86,6 +88,28 @@ def test_default_worker_count_follows_the_threads() -> None:
     assert forward_workers(ServerConfig(), cpu_threads=1) == 1
     assert forward_workers(ServerConfig(), cpu_threads=0) == 1  # a GPU
     assert forward_workers(ServerConfig(forward_workers=3), cpu_threads=2) == 3
+
+
+def test_more_workers_than_threads_is_allowed_and_warned(
+    qwen3_embedding_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    threads_before = torch.get_num_threads()
+    config = dataclasses.replace(
+        TEST_CONFIG, model=qwen3_embedding_folder, threads=1, forward_workers=3, warmup=False
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="embedserve.service.server"):
+            registry = build_registry(config)
+        (engine,) = registry.engines()
+        try:
+            assert (engine.workers.count, engine.workers.cpu_threads) == (3, 1)
+            assert [p.threads for p in engine.workers.place(3)] == [1, 1, 1]
+        finally:
+            asyncio.run(engine.stop())
+    finally:
+        torch.set_num_threads(threads_before)
+    assert "more forward workers than torch threads" in caplog.text
+    assert "up to 3 threads may compete for 1" in caplog.text
 
 
 # -- the engine with two workers ----------------------------------------------------------
