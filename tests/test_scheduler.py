@@ -69,8 +69,8 @@ class Bench:
         request.outcome = Outcome.CANCELLED
         return self.scheduler.forget(request)
 
-    def next(self, now: float = 0.0) -> list[QueuedSequence]:
-        batch = self.scheduler.next_batch(now)
+    def next(self, now: float = 0.0, share: int = 1) -> list[QueuedSequence]:
+        batch = self.scheduler.next_batch(now, share)
         if batch:
             lanes = {seq.request.lane for seq in batch}
             assert len(lanes) == 1, f"a batch mixes lanes: {lanes}"
@@ -147,6 +147,20 @@ def test_batches_respect_max_batch_size(loop: asyncio.AbstractEventLoop) -> None
     bench.add([5] * 50)
     batches = bench.drain()
     assert [len(b) for b in batches] == [7] * 7 + [1]
+
+
+def test_a_share_takes_its_part_of_the_lane_rounded_up_and_within_the_size(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    bench = make_bench(loop, max_batch_tokens=100_000, max_batch_size=16)
+    bench.add([5] * 21)
+    # Three batches starting together: 7 each (21 / 3), then what is left.
+    assert [len(bench.next(share=3)), len(bench.next(share=2)), len(bench.next())] == [7, 7, 7]
+    bench.add([5] * 5)
+    assert len(bench.next(share=2)) == 3  # 5 / 2, rounded up: no sequence is left over
+    bench.add([5] * 100)
+    assert len(bench.next(share=2)) == 16  # never more than a full batch
+    assert bench.scheduler.queued_sequences(Lane.INTERACTIVE) == 2 + 100 - 16
 
 
 def test_long_request_is_split_across_batches_as_sequences(
