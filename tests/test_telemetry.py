@@ -371,7 +371,7 @@ def test_dashboard_and_alerts_use_series_the_server_exports(qwen3_embedding_fold
     assert used, "no embedserve series referenced"
     assert used <= exported, f"not exported: {sorted(used - exported)}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("throughput", "latency", "queue", "batch", "errors", "envoy", "cache"):
+    for topic in ("throughput", "latency", "queue", "batch", "errors", "envoy", "cache", "workers"):
         assert topic in titles
     alert_names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
     assert {
