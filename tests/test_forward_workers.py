@@ -222,6 +222,35 @@ def test_a_queue_is_split_between_free_workers_that_run_at_once(
     assert recorder.most_at_once == 2
 
 
+def test_batches_side_by_side_count_as_a_share_of_the_drain_rate(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    """The queue drained at the sum of the two batches: each counts half its own time."""
+    (engine,) = server.engines
+    observed: list[tuple[int, float]] = []
+    real_observe = engine.drain_rate.observe
+
+    def observe(tokens: int, padded_tokens: int, size: int, seconds: float) -> None:
+        observed.append((size, seconds))
+        real_observe(tokens, padded_tokens, size, seconds)
+
+    engine.drain_rate.observe = observe  # type: ignore[method-assign]
+    try:
+        forward_before = server.call(lambda: engine.stats.forward_seconds)
+        server.call(engine.hold)
+        submit(server, 20)
+        wait_until(lambda: queued(server) == 20, what="the sequences to be queued")
+        server.call(engine.release)
+        wait_until(lambda: len(recorder.batches) == 2, what="two batches running at once")
+        recorder.gate.set()
+        wait_until(lambda: len(observed) == 2, what="both batches to finish")
+        forward = server.call(lambda: engine.stats.forward_seconds) - forward_before
+    finally:
+        engine.drain_rate.observe = real_observe  # type: ignore[method-assign]
+    assert [size for size, _ in observed] == [10, 10]
+    assert sum(seconds for _, seconds in observed) == pytest.approx(forward / 2)
+
+
 def test_a_small_queue_waits_for_the_running_batch_and_a_large_one_does_not(
     server: InProcessServer, recorder: Recorder
 ) -> None:
