@@ -172,6 +172,13 @@ class Suite:
 
     # -- processes -------------------------------------------------------------------------
 
+    def _one_worker_server(self) -> procs.Service:
+        """The default server on one forward worker, as before the seventh session (the
+        levers' and the overload scenario's A/B)."""
+        return procs.start_embedserve(
+            "one-worker", self.log_dir, self.threads, ["--forward-workers", "1"]
+        )
+
     def start_services(self) -> None:
         threads = self.threads
         model = corpus.model_folder()
@@ -218,6 +225,7 @@ class Suite:
             wanted["grpc-backlog"] = lambda: procs.start_embedserve(
                 "grpc-backlog", log_dir, threads, ["--max-pending-calls", "0"]
             )
+            wanted["one-worker"] = self._one_worker_server
 
         if self.wants("levers"):
             wanted["forward-nice"] = lambda: procs.start_embedserve(
@@ -242,9 +250,7 @@ class Suite:
             wanted["padded"] = lambda: procs.start_embedserve(
                 "padded", log_dir, threads, ["--padding-free", "false"]
             )
-            wanted["one-worker"] = lambda: procs.start_embedserve(
-                "one-worker", log_dir, threads, ["--forward-workers", "1"]
-            )
+            wanted["one-worker"] = self._one_worker_server
             # bfloat16 weights on the CPU: AMX makes them faster here, at a cosine of
             # 0.9999 to float32 (docs/benchmarks.md).
             wanted["dtype-bf16"] = lambda: procs.start_embedserve(
