@@ -97,16 +97,16 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
                 workers,
                 cpu_threads,
             )
-    elif config.forward_workers > 1:
-        raise ValueError(
-            f"--forward-workers {config.forward_workers}: more than one is for the CPU; "
-            f"on {device.device.type} batches run one at a time"
-        )
         if device.dtype == torch.float32 and has_amx_bf16():
             log.info(
                 "this CPU has AMX-BF16: --dtype bfloat16 is faster here, at a cosine of about "
                 "0.9999 to float32 vectors (docs/benchmarks.md); float32 stays the default"
             )
+    elif config.forward_workers > 1:
+        raise ValueError(
+            f"--forward-workers {config.forward_workers}: more than one is for the CPU; "
+            f"on {device.device.type} batches run one at a time"
+        )
     limits = BatchLimits(
         max_batch_tokens=config.max_batch_tokens,
         max_batch_size=config.max_batch_size,

@@ -112,6 +112,26 @@ def test_more_workers_than_threads_is_allowed_and_warned(
     assert "up to 3 threads may compete for 1" in caplog.text
 
 
+def test_start_up_on_the_cpu_names_the_bfloat16_option_where_amx_has_it(
+    qwen3_embedding_folder: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU checks at start-up all run: the AMX hint beside the thread and worker counts."""
+    threads_before = torch.get_num_threads()
+    config = dataclasses.replace(TEST_CONFIG, model=qwen3_embedding_folder, warmup=False)
+    for amx in (True, False):
+        monkeypatch.setattr("embedserve.service.server.has_amx_bf16", lambda amx=amx: amx)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO, logger="embedserve.service.server"):
+                registry = build_registry(config)
+            for engine in registry.engines():
+                asyncio.run(engine.stop())
+        finally:
+            torch.set_num_threads(threads_before)
+        assert "torch threads" in caplog.text
+        assert ("this CPU has AMX-BF16" in caplog.text) is amx
+
+
 # -- the engine with two workers ----------------------------------------------------------
 
 
