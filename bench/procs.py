@@ -14,9 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,26 @@ class Service:
             return self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return []
+
+    @contextmanager
+    def sampling_memory(self, every: float = 0.5) -> Iterator[list[tuple[float, float, float]]]:
+        """(seconds, VmRSS, VmHWM) every ``every`` seconds while the block runs."""
+        samples: list[tuple[float, float, float]] = []
+        stop = threading.Event()
+        began = time.monotonic()
+
+        def sample() -> None:
+            while not stop.wait(every):
+                m = self.memory()
+                samples.append((time.monotonic() - began, m.get("VmRSS", 0), m.get("VmHWM", 0)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield samples
+        finally:
+            stop.set()
+            sampler.join()
 
     def stop(self, timeout: float = 60) -> None:
         if self.process.poll() is None:

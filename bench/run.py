@@ -22,7 +22,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -476,22 +475,10 @@ class Suite:
         self.results["scenarios"]["bulk"] = scen
 
     def _bulk_once(self, server: procs.Service, count: int) -> dict[str, Any]:
-        samples: list[tuple[float, float, float]] = []
-        stop = threading.Event()
-        began = time.monotonic()
-
-        def sample() -> None:
-            while not stop.wait(0.5):
-                m = server.memory()
-                samples.append((time.monotonic() - began, m.get("VmRSS", 0), m.get("VmHWM", 0)))
-
         before = server.memory()
         cpu0 = server.cpu()
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        result = bulk_result(start_bulk(BulkSpec(target=server.address, count=count)))
-        stop.set()
-        sampler.join()
+        with server.sampling_memory() as samples:
+            result = bulk_result(start_bulk(BulkSpec(target=server.address, count=count)))
         after = server.memory()
         result["server_cpu_s"] = server.cpu() - cpu0
         result["rss_before_mib"] = before.get("VmRSS")

@@ -23,6 +23,7 @@ from embedserve.service.cache.setup import close_caches, install_caches
 from embedserve.service.config import ServerConfig
 from embedserve.service.cpus import available_cpus, has_amx_bf16
 from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.host_memory import HostMemoryTrimmer
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.inference import EmbeddingModel, ModelReranker, SimilarityReranker
 from embedserve.service.lifecycle import Lifecycle, Phase
@@ -78,7 +79,11 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(config.device, config.dtype)
     cpu_threads = 0
+    host_memory: HostMemoryTrimmer | None = None
     if device.device.type == "cpu":
+        host_memory = HostMemoryTrimmer(config.memory_trim_interval_ms / 1000.0)
+        if telemetry.metrics is not None and host_memory.enabled:
+            telemetry.metrics.watch_host_memory(host_memory)
         cpu_threads = config.threads or available_cpus()
         torch.set_num_threads(cpu_threads)
         workers = forward_workers(config, cpu_threads)
@@ -129,7 +134,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     )
     embedder = EmbeddingModel(
         adapter := load_embedder(embedder_options, device),
-        _engine(adapter, limits, telemetry, config, cpu_threads),
+        _engine(adapter, limits, telemetry, config, cpu_threads, host_memory),
     )
     registry = ModelRegistry(default_embedder=name)
     registry.embedders[name] = embedder
@@ -146,7 +151,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         )
         reranker = load_reranker(reranker_options, device)
         registry.rerankers[reranker_name] = ModelReranker(
-            reranker, _engine(reranker, limits, telemetry, config, cpu_threads)
+            reranker, _engine(reranker, limits, telemetry, config, cpu_threads, host_memory)
         )
         registry.default_reranker = reranker_name
     install_caches(registry, config, folder, telemetry)  # an unusable Redis URL: ValueError
@@ -167,6 +172,7 @@ def _engine(
     telemetry: Telemetry,
     config: ServerConfig,
     cpu_threads: int,
+    host_memory: HostMemoryTrimmer | None,
 ) -> Engine:
     try:
         return Engine(
@@ -176,6 +182,7 @@ def _engine(
             forward_nice=config.forward_nice,
             forward_workers=forward_workers(config, cpu_threads),
             cpu_threads=cpu_threads,
+            host_memory=host_memory,
         )
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc

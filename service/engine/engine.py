@@ -22,6 +22,11 @@ import numpy as np
 from opentelemetry.trace import Span
 
 from embedserve.service.engine.errors import DeadlineExpired, ForwardFailed, NotReady, Overloaded
+from embedserve.service.engine.host_memory import (
+    HostMemoryTrimmer,
+    peak_resident_bytes,
+    resident_bytes,
+)
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.engine.runner import BatchRunner
 from embedserve.service.engine.scheduler import Scheduler
@@ -60,9 +65,11 @@ class Engine:
         forward_nice: int = 0,
         forward_workers: int = 1,
         cpu_threads: int = 0,
+        host_memory: HostMemoryTrimmer | None = None,
     ) -> None:
         """``forward_workers`` batches may run at once, sharing ``cpu_threads`` torch
-        threads (0: not on a CPU; see ``workers.py``)."""
+        threads (0: not on a CPU; see ``workers.py``). ``host_memory``: the process's
+        trimmer of freed host memory (``host_memory.py``), if any."""
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
         self.telemetry = telemetry or EngineTelemetry(adapter.name, "", None, None)
@@ -70,7 +77,9 @@ class Engine:
         self.stats = EngineStats()
         self.state = EngineState.STARTING
         self._runner = BatchRunner(adapter)
-        self.workers = ForwardWorkers(adapter.name, forward_workers, cpu_threads, forward_nice)
+        self.workers = ForwardWorkers(
+            adapter.name, forward_workers, cpu_threads, forward_nice, host_memory
+        )
         self._tokenizer = TokenizerPool(adapter.name)
         self._scheduler = Scheduler(limits, self._expire)
         self._wakeup = asyncio.Event()
@@ -92,6 +101,8 @@ class Engine:
         """Warm up with a full-size batch, then start batching."""
         if warmup:
             batch = self._warmup_batch()
+            memory = self.workers.host_memory
+            rss_before = resident_bytes() if memory is not None else None
             # The first worker alone, with every thread: the conservative drain rate below.
             # Released last, it is the worker that a lone batch goes to next.
             (first,) = self.workers.place(1)
@@ -102,6 +113,10 @@ class Engine:
                 await self._warm_other_workers(batch[0])
             finally:
                 self.workers.release(first)
+            if memory is not None:
+                # What a full batch adds to the resident set: how far it may grow between
+                # trims (host_memory.py).
+                memory.learn_headroom(rss_before, peak_resident_bytes())
             # A full batch of the longest inputs: a conservative first drain rate, so that
             # admission by expected wait works from the first request.
             tokens = sum(len(s) for s in batch)
@@ -113,6 +128,9 @@ class Engine:
                     "batch_size": len(batch),
                     "batch_tokens": tokens,
                     "seconds": round(seconds, 3),
+                    "trim_headroom_mib": round(headroom / 2**20)
+                    if memory is not None and (headroom := memory.headroom) is not None
+                    else None,
                 },
             )
         self._loop_task = asyncio.create_task(

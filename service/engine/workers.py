@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from embedserve.service.engine.host_memory import HostMemoryTrimmer
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -37,12 +39,23 @@ class Placement:
 
 
 class ForwardWorkers:
-    def __init__(self, name: str, count: int, cpu_threads: int, nice: int = 0) -> None:
-        """``count`` workers sharing ``cpu_threads`` torch threads (0: not on a CPU)."""
+    def __init__(
+        self,
+        name: str,
+        count: int,
+        cpu_threads: int,
+        nice: int = 0,
+        host_memory: HostMemoryTrimmer | None = None,
+    ) -> None:
+        """``count`` workers sharing ``cpu_threads`` torch threads (0: not on a CPU).
+
+        ``host_memory``: trimmed on a worker after a batch, when due (``host_memory.py``).
+        """
         if count < 1:
             raise ValueError("forward workers must be at least 1")
         self.count = count
         self.cpu_threads = cpu_threads
+        self.host_memory = host_memory
         self._executors = [
             ThreadPoolExecutor(
                 1,
@@ -86,7 +99,13 @@ class ForwardWorkers:
     def run(self, placement: Placement, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run ``job(*args)`` on the placement's worker; the caller releases the placement."""
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executors[placement.worker], job, *args)
+        executor = self._executors[placement.worker]
+        future = loop.run_in_executor(executor, job, *args)
+        if self.host_memory is not None and self.host_memory.due():
+            # Queued behind the job on the same thread: the job's result does not wait for
+            # it, and a batch placed on this worker next starts after it.
+            executor.submit(self.host_memory.trim)
+        return future
 
     def native_ids(self) -> list[int]:
         """The workers' thread ids (for tests and operators: priorities, profiles)."""

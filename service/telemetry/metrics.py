@@ -1,9 +1,9 @@
 """Prometheus metrics on an HTTP port (``--metrics-port``, path /metrics).
 
-Every series carries a ``model`` label, except the server-wide call limit's. Counters and
-gauges the engine already keeps (queue depth, rejections, expiries) are read at scrape time
-by a collector, so they cost nothing on the hot path; only the histograms are observed as
-work happens.
+Every series carries a ``model`` label, except the server-wide ones: the call limit's and
+the host memory trims'. Counters and gauges the engine already keeps (queue depth,
+rejections, expiries) are read at scrape time by a collector, so they cost nothing on the
+hot path; only the histograms are observed as work happens.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from embedserve.service.api.in_flight import InFlightLimit
     from embedserve.service.cache.front import EmbeddingCache
     from embedserve.service.engine.engine import Engine
+    from embedserve.service.engine.host_memory import HostMemoryTrimmer
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -86,6 +87,8 @@ class ServerMetrics:
         self.registry.register(self._caches)
         self._call_limit = _CallLimitCollector()
         self.registry.register(self._call_limit)
+        self._host_memory = _HostMemoryCollector()
+        self.registry.register(self._host_memory)
 
     def watch(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._engines.engines.append(engine)
@@ -97,6 +100,9 @@ class ServerMetrics:
 
     def watch_call_limit(self, limit: InFlightLimit) -> None:
         self._call_limit.limit = limit
+
+    def watch_host_memory(self, trimmer: HostMemoryTrimmer) -> None:
+        self._host_memory.trimmer = trimmer
 
     def observe_batch(
         self, model: str, size: int, tokens: int, padded_tokens: int, seconds: float
@@ -242,6 +248,31 @@ class _CallLimitCollector(Collector):
             "embedserve_in_flight_refusals",
             "Calls refused RESOURCE_EXHAUSTED because --max-calls-in-flight were in progress.",
             value=limit.refused,
+        )
+
+
+class _HostMemoryCollector(Collector):
+    """Reads the host memory trimmer's counters at scrape time (CPU servers only)."""
+
+    def __init__(self) -> None:
+        self.trimmer: HostMemoryTrimmer | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        trimmer = self.trimmer
+        if trimmer is None:
+            return
+        yield CounterMetricFamily(
+            "embedserve_host_memory_trims",
+            "Times freed host memory was given back to the system (--memory-trim-interval-ms).",
+            value=trimmer.trims,
+        )
+        yield CounterMetricFamily(
+            "embedserve_host_memory_trim_seconds",
+            "Time forward workers spent giving freed host memory back, between batches.",
+            value=trimmer.seconds,
         )
 
 

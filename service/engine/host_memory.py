@@ -1,0 +1,146 @@
+"""Giving freed host memory back to the system while the CPU forward runs.
+
+glibc keeps what a thread frees in that thread's arena, and after the first large free it
+raises its mmap threshold, so from then on a forward pass's activations (megabytes each)
+come from the arenas. Two forward workers mean several arenas whose free pages lie
+scattered between live blocks, where glibc's own trim (the top of a heap only) cannot reach
+them. Under a steady stream the resident set then climbs for over a minute before it levels
+off: +30% between a 20k-text and a 200k-text bulk run here (docs/benchmarks.md, ninth
+session).
+
+``malloc_trim(0)`` returns every whole free page of every arena, but the batches after it
+fault those pages back in, and that is what a trim costs: every 200 ms it took 6% of the
+bulk throughput here. So a trim waits until it is needed: until the resident set exceeds
+what it was after the last trim by the working set of a full batch, which the warm-up
+measures. The peak then stays near live memory plus one batch, however long the stream.
+A trim runs on a forward worker after a batch, as a job of its own: the batch's rows do not
+wait for it. The interval is the least time between two trims.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    except OSError:
+        return None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+MALLOC_TRIM = _load_malloc_trim()
+
+
+def _open_statm() -> int | None:
+    try:
+        return os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:  # no procfs: trims go by the interval alone
+        return None
+
+
+_STATM = _open_statm()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set, from one read of a file kept open (a few microseconds)."""
+    if _STATM is None:
+        return None
+    fields = os.pread(_STATM, 128, 0).split()
+    return int(fields[1]) * _PAGE
+
+
+def peak_resident_bytes() -> int | None:
+    """VmHWM: the largest resident set so far."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class HostMemoryTrimmer:
+    """Trims the C heap when the resident set has grown by ``headroom`` since the last trim,
+    at most once every ``interval`` seconds (0: never). Until ``headroom`` is known, every
+    interval.
+
+    One a process: ``malloc_trim`` covers every thread's arena, so the engines share it.
+    ``due`` is cheap and meant for the event loop; ``trim`` runs on a forward worker, and
+    when two are due at once one trims and the other returns.
+    """
+
+    def __init__(
+        self,
+        interval: float,
+        trim: Callable[[int], int] | None = MALLOC_TRIM,
+        rss: Callable[[], int | None] = resident_bytes,
+    ) -> None:
+        if interval < 0:
+            raise ValueError("the trim interval must be 0 or more seconds")
+        self.interval = interval
+        self._trim = trim if interval > 0 else None
+        self._rss = rss
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self.headroom: int | None = None
+        self.floor = 0  # the resident set after the last trim
+        self.trims = 0
+        self.seconds = 0.0
+        if interval > 0 and trim is None:
+            log.info("this C library has no malloc_trim: freed host memory stays with it")
+
+    @property
+    def enabled(self) -> bool:
+        return self._trim is not None
+
+    def learn_headroom(self, before: int | None, peak: int | None) -> None:
+        """A full batch took the resident set from ``before`` to ``peak``: let it grow that
+        much past the last trim (the largest of the engines' batches)."""
+        if before is None or peak is None or peak <= before:
+            return
+        self.headroom = max(self.headroom or 0, peak - before)
+
+    def due(self) -> bool:
+        if self._trim is None or time.monotonic() < self._next:
+            return False
+        if self.headroom is None:
+            return True
+        rss = self._rss()
+        return rss is None or rss > self.floor + self.headroom
+
+    def trim(self) -> bool:
+        """Trim now unless another thread is trimming or just did; True if this call did."""
+        if self._trim is None or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            began = time.monotonic()
+            if began < self._next:
+                return False
+            self._trim(0)
+            self.floor = self._rss() or 0
+            ended = time.monotonic()
+            self._next = ended + self.interval
+            self.trims += 1
+            self.seconds += ended - began
+            return True
+        finally:
+            self._lock.release()
