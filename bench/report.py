@@ -20,6 +20,7 @@ from bench.stats import median, ratio
 OVERLOAD_SERVERS = {
     "embedserve": "default admission (64 calls in flight on 2 threads)",
     "one-worker": "the same, on one forward worker (--forward-workers 1, the sixth run's)",
+    "forward-nice": "the same, torch nicer than the event loop (--forward-nice 5)",
     "no-call-limit": "no in-flight call limit (--max-calls-in-flight 0, the fourth run's)",
     "grpc-backlog": "gRPC's default pending-call bound (--max-pending-calls 0)",
     "token-bound-only": "token bound only (the first run's admission)",

@@ -226,7 +226,7 @@ class Suite:
             )
             wanted["one-worker"] = self._one_worker_server
 
-        if self.wants("levers"):
+        if self.wants("levers", "overload"):
             wanted["forward-nice"] = lambda: procs.start_embedserve(
                 "forward-nice", log_dir, threads, ["--forward-nice", str(FORWARD_NICE)]
             )

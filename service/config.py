@@ -58,6 +58,7 @@ class ServerConfig:
     grace_period_s: float = 30.0
     drain_delay_s: float = 0.0
     warmup: bool = True
+    gc_freeze: bool = True
     log_level: str = "info"
 
 
@@ -340,6 +341,14 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_float,
     ),
     Option("warmup", "Run a full-size batch before reporting SERVING.", _bool),
+    Option(
+        "gc_freeze",
+        "Before reporting SERVING, put every object alive (the model, torch, transformers: "
+        "about 400,000) out of the cycle collector's reach, so that a full collection scans "
+        "only what serving created. Otherwise a full collection stops the event loop for "
+        "about 190 ms on 2 cores. Frozen objects are never freed by the cycle collector.",
+        _bool,
+    ),
     Option("log_level", "Log level.", choices=("debug", "info", "warning", "error")),
 )
 

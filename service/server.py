@@ -37,6 +37,7 @@ from embedserve.service.models.loading import (
 )
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.tokenization import Truncation
+from embedserve.service.python_gc import freeze_startup_objects
 from embedserve.service.registry import ModelRegistry
 from embedserve.service.security.api_keys import ApiKeyInterceptor, KeyStore
 from embedserve.service.security.tls import server_credentials
@@ -305,6 +306,8 @@ class Server:
             )
         for engine in self.registry.engines():
             await engine.start(warmup=config.warmup)
+        if config.gc_freeze:
+            freeze_startup_objects()
         self.lifecycle.phase = Phase.SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(

@@ -34,7 +34,9 @@ from embedserve.v1 import (
 )
 
 T = TypeVar("T")
-TEST_CONFIG = ServerConfig(host="127.0.0.1", port=0, threads=2)
+# No gc.freeze: the test process starts hundreds of servers, and what a freeze catches of
+# the earlier ones would never be collected. Its own test runs `embedserve serve`.
+TEST_CONFIG = ServerConfig(host="127.0.0.1", port=0, threads=2, gc_freeze=False)
 
 
 @dataclass
