@@ -24,7 +24,7 @@ from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.work import Lane
-from embedserve.service.engine.workers import ForwardWorkers, Placement
+from embedserve.service.engine.workers import SMALL_BATCH_TOKENS, ForwardWorkers, Placement
 from embedserve.service.server import build_registry, forward_workers
 
 MAX_BATCH_SIZE = 32  # a quarter of a full batch: 8 sequences
@@ -219,9 +219,23 @@ def test_two_workers_by_default_for_two_threads(server: InProcessServer) -> None
 def test_a_lone_request_runs_on_every_thread(server: InProcessServer, recorder: Recorder) -> None:
     recorder.gate.set()
     before = computed(server)
-    submit(server, 3)
+    submit(server, 3, sequence=list(range(5, 5 + SMALL_BATCH_TOKENS)))
     wait_until(lambda: computed(server) == before + 3, what="the request to be computed")
     assert recorder.batches == [(3, 2, 2)]
+
+
+def test_a_batch_too_small_to_earn_a_second_thread_runs_on_one(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    recorder.gate.set()
+    before = computed(server)
+    submit(server, 3)  # 12 tokens
+    wait_until(lambda: computed(server) == before + 3, what="the request to be computed")
+    assert recorder.batches == [(3, 1, 1)]
+    # One token short of the bound stays on one thread; at the bound it takes both.
+    assert ForwardWorkers.threads_for(Placement(0, 2), SMALL_BATCH_TOKENS - 1) == 1
+    assert ForwardWorkers.threads_for(Placement(0, 2), SMALL_BATCH_TOKENS) == 2
+    assert ForwardWorkers.threads_for(Placement(0, 0), 1) == 0  # a GPU: left alone
 
 
 def test_a_queue_is_split_between_free_workers_that_run_at_once(
@@ -275,7 +289,7 @@ def test_a_small_queue_waits_for_the_running_batch_and_a_large_one_does_not(
     server: InProcessServer, recorder: Recorder
 ) -> None:
     before = computed(server)
-    submit(server, 1)
+    submit(server, 1, sequence=list(range(5, 5 + SMALL_BATCH_TOKENS)))  # worth two threads
     wait_until(lambda: len(recorder.batches) == 1, what="the first batch to start")
     # Fewer than a quarter of a full batch (8): not worth the idle worker.
     submit(server, 7)

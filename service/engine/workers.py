@@ -28,6 +28,13 @@ from embedserve.service.engine.host_memory import HostMemoryTrimmer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A forward of fewer padded tokens runs on one torch thread. Issued from a worker thread
+# (any but the main one), a forward on two threads pays about 70 us at each of its parallel
+# regions, which small batches do not earn back: one 16-token sentence took 12.4 ms on two
+# threads and 10.1 ms on one, four took about the same, eight were faster on two
+# (docs/benchmarks.md, ninth session).
+SMALL_BATCH_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -91,6 +98,13 @@ class ForwardWorkers:
             self._threads_in_use += threads
             placements.append(Placement(self._free.pop(), threads))
         return placements
+
+    @staticmethod
+    def threads_for(placement: Placement, padded_tokens: int) -> int:
+        """The torch threads a batch of ``padded_tokens`` uses of those it holds."""
+        if placement.threads > 1 and padded_tokens < SMALL_BATCH_TOKENS:
+            return 1
+        return placement.threads
 
     def release(self, placement: Placement) -> None:
         self._threads_in_use -= placement.threads
