@@ -37,6 +37,10 @@ OTHER_STREAM_PATHS = (
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 )
 UNARY_RETRY_ON = "unavailable,resource-exhausted,reset,connect-failure,refused-stream"
+# Outlier detection ejects a replica after this many gateway failures in a row; a unary call
+# gets one retry more (the route's comment says why).
+CONSECUTIVE_GATEWAY_FAILURES = 3
+UNARY_RETRIES = CONSECUTIVE_GATEWAY_FAILURES
 # A stream is replayed only when it was refused at open: REFUSED_STREAM, or a Trailers-Only
 # UNAVAILABLE (warming up, draining, failing) that carries no response message. Envoy cannot
 # retry once response headers went downstream, so a stream that already answered is never
@@ -293,7 +297,7 @@ def replica_cluster(params: EnvoyParams) -> Json:
         "outlier_detection": {
             # A replica answering UNAVAILABLE / DEADLINE_EXCEEDED (or not connecting) three
             # times in a row is ejected at once. Enforcement is 0 by default: set it.
-            "consecutive_gateway_failure": 3,
+            "consecutive_gateway_failure": CONSECUTIVE_GATEWAY_FAILURES,
             "enforcing_consecutive_gateway_failure": 100,
             "consecutive_5xx": 5,
             "enforcing_consecutive_5xx": 100,
@@ -395,7 +399,13 @@ def _routes(params: EnvoyParams) -> list[Json]:
             "grpc_timeout_header_max": _duration(params.unary_timeout_s),
             "grpc_timeout_header_offset": _duration(params.grpc_timeout_offset_ms / 1000.0),
         },
-        "retry_policy": _retry_policy(UNARY_RETRY_ON, 2, backoff=True),
+        # Three retries, one more than the outlier detector's consecutive failures: least-
+        # request picks the host with the fewest calls, and a replica that just died has
+        # none, so previous_hosts cannot steer a retry away from it (its reselection gets
+        # the same host). A call's first three attempts could all meet the dead replica; the
+        # fourth comes after its ejection. With two retries, a kill -9 failed about one
+        # call in a few thousand (tests/test_envoy.py, ninth session).
+        "retry_policy": _retry_policy(UNARY_RETRY_ON, UNARY_RETRIES, backoff=True),
     }
     routes: list[Json] = [
         {
