@@ -142,13 +142,10 @@ def test_malloc_trim_returns_the_pages_a_thread_freed_between_live_blocks() -> N
     script = textwrap.dedent(
         """
         import threading
-        from embedserve.service.engine.host_memory import HostMemoryTrimmer
+        from embedserve.service.engine.host_memory import HostMemoryTrimmer, resident_bytes
 
         def rss_mib():
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
+            return resident_bytes() / 2**20
 
         kept = []
         def churn():

@@ -9,10 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import grpc
-from harness import ServerProcess
+from harness import ServerProcess, stubs_for
 
-from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
+from embedserve.v1 import embed_service_pb2
 
 
 def _frozen_line(server: ServerProcess) -> dict[str, object] | None:
@@ -33,10 +32,13 @@ def test_a_server_freezes_its_startup_objects_before_serving(qwen3_embedding_fol
         before = float(str(line["full_collection_ms_before"]))
         after = float(str(line["full_collection_ms_after"]))
         assert after < before
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = embed_service_pb2_grpc.EmbedServiceStub(channel).Embed(
+        stubs = stubs_for(port)
+        try:
+            reply = stubs.embed.Embed(
                 embed_service_pb2.EmbedRequest(inputs=["still serving"]), timeout=60
             )
+        finally:
+            stubs.channel.close()
         assert len(reply.embeddings) == 1
     finally:
         server.kill()

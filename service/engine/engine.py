@@ -117,6 +117,7 @@ class Engine:
                 # What a full batch adds to the resident set: how far it may grow between
                 # trims (host_memory.py).
                 memory.learn_headroom(rss_before, peak_resident_bytes())
+            headroom = memory.headroom if memory is not None else None
             # A full batch of the longest inputs: a conservative first drain rate, so that
             # admission by expected wait works from the first request.
             tokens = sum(len(s) for s in batch)
@@ -128,9 +129,7 @@ class Engine:
                     "batch_size": len(batch),
                     "batch_tokens": tokens,
                     "seconds": round(seconds, 3),
-                    "trim_headroom_mib": round(headroom / 2**20)
-                    if memory is not None and (headroom := memory.headroom) is not None
-                    else None,
+                    "trim_headroom_mib": None if headroom is None else round(headroom / 2**20),
                 },
             )
         self._loop_task = asyncio.create_task(
