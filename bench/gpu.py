@@ -1,6 +1,7 @@
 """The benchmark suite for a GPU machine: Qwen3-Embedding shapes in float16.
 
     python -m bench.gpu [--sizes 0.6B,4B] [--out bench/results/gpu-DATE] [--quick]
+    python -m bench.gpu --device cpu --sizes tiny --quick   # a dry run of the script itself
 
 No weights are downloaded: for each size a checkpoint with the real published shapes
 (Qwen3-Embedding-0.6B and -4B config.json: layers, widths, heads, vocabulary) and RANDOM
@@ -12,11 +13,14 @@ For each size it measures, in one run:
 - the CEILING: the model alone (transformers Qwen3Model, float16, SDPA, last-token pooling and
   normalization) on pre-tokenized, length-sorted batches of the same texts, at several
   batch shapes within the server's token budget, tokens/s at the best one;
+  the batch-1 forward time is measured beside it, the floor of a single call's latency;
 - embedserve (its own ``embedserve serve --device cuda --dtype float16`` process): unary
-  closed loop at 64 and 256 callers and a bulk EmbedStream, tokens/s and the ratio to the
-  ceiling, p50/p99.
+  closed loop of one text a call at 1, 64 and 256 callers, of 32 texts a call at 16 callers,
+  and a bulk EmbedStream; tokens/s and the ratio to the ceiling, p50/p99.
 
-Without a CUDA device it prints why and exits 0. Results: results.json and results.md.
+Without a CUDA device it prints why and exits 0 (``--device cpu`` runs the whole script on
+the ``tiny`` shape in float32, to check the script, not to measure). Results: results.json
+(rewritten after every step, so a run cut short keeps what it measured) and results.md.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import asyncio
 import datetime
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -70,13 +75,25 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 40960,
         "tie_word_embeddings": False,
     },
+    # Not a published model: the dry run's shape (``--device cpu``).
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 1000,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
 }
 MAX_BATCH_TOKENS = 16384
 TEXT_TOKENS = (64, 256)  # approximate lengths of the benchmark texts
 
 
-def build_checkpoint(folder: Path, size: str) -> Path:
-    """Tokenizer (offline BPE, as tests/support/qwen3.py) + random float16 weights."""
+def build_checkpoint(folder: Path, size: str, device: str, dtype: str) -> Path:
+    """Tokenizer (offline BPE, as tests/support/qwen3.py) + random weights in ``dtype``."""
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
@@ -91,18 +108,19 @@ def build_checkpoint(folder: Path, size: str) -> Path:
         **SHAPES[size],
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        dtype="float16",
+        dtype=dtype,
         pad_token_id=eos,
         eos_token_id=eos,
         bos_token_id=None,
         architectures=["Qwen3ForCausalLM"],
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen3ForCausalLM(config).half()  # type: ignore[no-untyped-call]
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(str(folder), safe_serialization=True)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -125,48 +143,74 @@ def make_texts(folder: Path, tokens: int, count: int, seed: int = 0) -> list[str
     return out
 
 
-def ceiling(folder: Path, texts: list[str], seconds: float) -> dict[str, Any]:
-    """The model alone: best tokens/s over batch shapes within the token budget."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ceiling(
+    folder: Path, texts: list[str], seconds: float, device: str, dtype: str
+) -> dict[str, Any]:
+    """The model alone: best tokens/s over batch shapes within the token budget, and the
+    median batch-1 forward (a single call's floor)."""
     import torch
     import torch.nn.functional as F  # noqa: N812
     from tokenizers import Tokenizer
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(
-        str(folder), dtype=torch.float16, attn_implementation="sdpa", local_files_only=True
-    ).to("cuda")
+        str(folder), dtype=getattr(torch, dtype), attn_implementation="sdpa", local_files_only=True
+    ).to(device)
     model.eval()
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.no_padding()
     seqs = sorted((e.ids for e in tok.encode_batch(texts)), key=len)
     pad = tok.token_to_id("<|endoftext|>") or 0
+
+    def step(ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = mask.sum(1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return F.normalize(pooled.float(), dim=1).cpu()
+
+    def padded(chunk: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        width = -(-max(len(s) for s in chunk) // 8) * 8
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        return ids.to(device), mask.to(device), sum(len(s) for s in chunk)
+
+    # Batch 1, the median text: host tensors in, the normalized vector back on the host,
+    # as a single call needs.
+    one = seqs[len(seqs) // 2]
+    for _ in range(3):
+        step(*padded([one])[:2])
+    single = []
+    for _ in range(30):
+        started = time.perf_counter()
+        ids, mask, _ = padded([one])
+        step(ids, mask)
+        single.append(time.perf_counter() - started)
+    single.sort()
+
     results = []
     longest = max(len(s) for s in seqs)
     for batch_size in (8, 32, 64, 128, 256):
         if batch_size * longest > MAX_BATCH_TOKENS * 2:
             continue
-        batches = []
-        for i in range(0, len(seqs) - batch_size + 1, batch_size):
-            chunk = seqs[i : i + batch_size]
-            width = -(-max(len(s) for s in chunk) // 8) * 8
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, s in enumerate(chunk):
-                ids[row, : len(s)] = torch.tensor(s)
-                mask[row, : len(s)] = 1
-            batches.append((ids.cuda(), mask.cuda(), sum(len(s) for s in chunk)))
+        batches = [
+            padded(seqs[i : i + batch_size])
+            for i in range(0, len(seqs) - batch_size + 1, batch_size)
+        ]
         if not batches:
             continue
-
-        def step(ids: torch.Tensor, mask: torch.Tensor, model: Any = model) -> Any:
-            with torch.inference_mode():
-                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                last = mask.sum(1) - 1
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-                return F.normalize(pooled.float(), dim=1).cpu()
-
         step(*batches[0][:2])
-        torch.cuda.synchronize()
+        _sync(device)
         done = n = 0
         started = time.perf_counter()
         while time.perf_counter() - started < seconds or n < 3:
@@ -174,25 +218,49 @@ def ceiling(folder: Path, texts: list[str], seconds: float) -> dict[str, Any]:
             step(ids, mask)
             done += tokens
             n += 1
-        torch.cuda.synchronize()
+        _sync(device)
         elapsed = time.perf_counter() - started
         results.append({"batch_size": batch_size, "tokens_per_s": done / elapsed, "batches": n})
     model.to("cpu")
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     best = max(results, key=lambda r: r["tokens_per_s"])
-    return {"sweep": results, "best": best}
+    return {
+        "sweep": results,
+        "best": best,
+        "batch1_forward_ms": {
+            "p50": 1000 * single[len(single) // 2],
+            "min": 1000 * single[0],
+            "tokens": len(one),
+        },
+    }
 
 
-def run_size(size: str, out: Path, quick: bool) -> dict[str, Any]:
+def _progress(message: str, started: float) -> None:
+    print(
+        f"bench.gpu [{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True
+    )
+
+
+def run_size(
+    size: str, out: Path, args: argparse.Namespace, save: Any, result: dict[str, Any]
+) -> None:
+    """Fill ``result`` for one size, calling ``save()`` after every step."""
+    started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f"qwen3-{size}-"))
-    folder = build_checkpoint(work / "model", size)
-    result: dict[str, Any] = {"size": size, "shape": SHAPES[size]}
-    duration = 5.0 if quick else 15.0
+    folder = build_checkpoint(work / "model", size, args.device, args.dtype)
+    _progress(f"{size}: checkpoint built", started)
+    result.update({"size": size, "shape": SHAPES[size]})
+    duration = 3.0 if args.quick else 15.0
     for tokens in TEXT_TOKENS:
         texts = make_texts(folder, tokens, 2000)
         texts_file = work / f"texts-{tokens}.json"
         texts_file.write_text(json.dumps(texts))
-        entry: dict[str, Any] = {"ceiling": ceiling(folder, texts, duration / 2)}
+        entry: dict[str, Any] = {}
+        result[f"texts_{tokens}"] = entry
+        entry["ceiling"] = ceiling(folder, texts, duration / 2, args.device, args.dtype)
+        save()
+        _progress(f"{size} ~{tokens} tokens: ceiling {entry['ceiling']['best']}", started)
         server = procs.wait_serving_log(
             procs.start_embedserve(
                 f"embedserve-{size}-{tokens}",
@@ -202,9 +270,9 @@ def run_size(size: str, out: Path, quick: bool) -> dict[str, Any]:
                     "--model",
                     str(folder),
                     "--device",
-                    "cuda",
+                    args.device,
                     "--dtype",
-                    "float16",
+                    args.dtype,
                     "--max-batch-tokens",
                     str(MAX_BATCH_TOKENS),
                     "--max-batch-size",
@@ -217,22 +285,30 @@ def run_size(size: str, out: Path, quick: bool) -> dict[str, Any]:
             ),
             timeout=900,
         )
+        _progress(f"{size} ~{tokens} tokens: server up", started)
         try:
-            for callers in (64, 256):
+            loads = {"unary_c1": (1, 1), "unary_c64": (64, 1), "unary_c256": (256, 1)}
+            loads["many32_c16"] = (16, 32)
+            for key, (callers, inputs) in loads.items():
                 spec = LoadSpec(
                     target=server.address,
                     concurrency=callers,
                     duration=duration,
-                    warmup=3.0,
+                    warmup=1.5 if args.quick else 3.0,
+                    workload="many" if inputs > 1 else "short",
+                    inputs=inputs,
                     texts_file=str(texts_file),
                 )
-                entry[f"unary_c{callers}"] = run_load(spec, procs=2)
-                entry[f"unary_c{callers}"].pop("raw_ok_s", None)
+                entry[key] = run_load(spec, procs=min(args.loadgen_procs, callers))
+                entry[key].pop("raw_ok_s", None)
+                save()
+                _progress(f"{size} ~{tokens} tokens: {key} done", started)
             entry["bulk"] = asyncio.run(
                 run_bulk(
                     BulkSpec(
                         target=server.address,
-                        count=5000 if quick else 50_000,
+                        count=2000,
+                        duration=duration,
                         batch_size=64,
                         window=64,
                         texts_file=str(texts_file),
@@ -243,35 +319,43 @@ def run_size(size: str, out: Path, quick: bool) -> dict[str, Any]:
         finally:
             server.stop(60)
         best = entry["ceiling"]["best"]["tokens_per_s"]
-        for key in ("unary_c64", "unary_c256", "bulk"):
+        for key in (*loads, "bulk"):
             entry[f"{key}_vs_ceiling"] = entry[key]["tokens_per_s"] / best
-        result[f"texts_{tokens}"] = entry
-    return result
+        save()
+        _progress(f"{size} ~{tokens} tokens: done", started)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "# embedserve on GPU (random weights, real Qwen3-Embedding shapes, float16)",
+        f"# embedserve on GPU (random weights, real Qwen3-Embedding shapes, {results['dtype']})",
         "",
-        f"{results['device']}, torch {results['torch']}, {results['date']}",
+        f"{results['device']}, torch {results['torch']}, transformers "
+        f"{results['transformers']}, {results['date']}",
         "",
-        "| size | text tokens | ceiling tok/s (batch) | unary c=64 tok/s | c=256 tok/s | "
-        "bulk tok/s | c=64 p50/p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "Tokens/s, and in brackets the share of the model-alone ceiling measured in the same run.",
+        "",
+        "| size | text tokens | ceiling tok/s (batch) | unary c=64 | c=256 | 32 texts/call c=16 | "
+        "bulk stream | c=1 p50 ms (batch-1 forward) | c=64 p50/p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results["sizes"]:
         for tokens in TEXT_TOKENS:
             e = r.get(f"texts_{tokens}")
-            if not e:
+            if not e or "bulk_vs_ceiling" not in e:
                 continue
             c = e["ceiling"]["best"]
-            u64, u256, bulk = e["unary_c64"], e["unary_c256"], e["bulk"]
+
+            def cell(key: str, e: dict[str, Any] = e) -> str:
+                return f"{e[key]['tokens_per_s']:,.0f} ({e[f'{key}_vs_ceiling']:.0%})"
+
+            u1, u64 = e["unary_c1"]["latency_ms"], e["unary_c64"]["latency_ms"]
+            forward1 = e["ceiling"]["batch1_forward_ms"]["p50"]
             lines.append(
                 f"| {r['size']} | ~{tokens} | {c['tokens_per_s']:,.0f} ({c['batch_size']}) | "
-                f"{u64['tokens_per_s']:,.0f} ({e['unary_c64_vs_ceiling']:.0%}) | "
-                f"{u256['tokens_per_s']:,.0f} ({e['unary_c256_vs_ceiling']:.0%}) | "
-                f"{bulk['tokens_per_s']:,.0f} ({e['bulk_vs_ceiling']:.0%}) | "
-                f"{u64['latency_ms']['p50']:.0f}/{u64['latency_ms']['p99']:.0f} |"
+                f"{cell('unary_c64')} | {cell('unary_c256')} | {cell('many32_c16')} | "
+                f"{cell('bulk')} | {u1['p50']:.1f} ({forward1:.1f}) | "
+                f"{u64['p50']:.0f}/{u64['p99']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -281,13 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="0.6B,4B", help=f"any of {', '.join(SHAPES)}")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--loadgen-procs", type=int, default=4)
     args = parser.parse_args(argv)
+    args.dtype = "float16" if args.device == "cuda" else "float32"
     try:
         import torch
+        import transformers
     except ImportError:
         print("bench.gpu: torch is not installed; nothing to measure.", file=sys.stderr)
         return 0
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "bench.gpu: no CUDA device here (torch.cuda.is_available() is False); "
             "run it on a GPU machine. Nothing was measured.",
@@ -302,16 +390,24 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out or procs.ROOT / "bench" / "results" / f"gpu-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (dry run)",
+        "dtype": args.dtype,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
         "sizes": [],
     }
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(markdown(results))
+
     for size in sizes:
         print(f"bench.gpu: {size} ...", file=sys.stderr, flush=True)
-        results["sizes"].append(run_size(size, out, args.quick))
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+        results["sizes"].append({})
+        run_size(size, out, args, save, results["sizes"][-1])
+    save()
     print(markdown(results))
     return 0
 

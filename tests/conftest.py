@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import InProcessServer, RedisServer, model_folder_default, redis_binary, serving
+from support.bert import build_bert_embedder
 from support.qwen3 import (
     build_qwen3_embedding,
     build_qwen3_reranker,
@@ -22,6 +23,12 @@ from support.qwen3 import (
 @pytest.fixture(scope="session")
 def minilm_folder() -> Path:
     return model_folder_default()
+
+
+@pytest.fixture(scope="session")
+def bert_embedder_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2's shape with random weights and a tokenizer trained offline."""
+    return build_bert_embedder(tmp_path_factory.mktemp("bert-embedder"), seed=4)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 from harness import serving
+from support.bert import reference_bert_embed, tiny_bert
 from support.qwen3 import reference_qwen3_embed, reference_qwen3_rerank
 
+from embedserve.service.models.packed_bert import PackedBertEncoder
 from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2, rerank_service_pb2
 
 pytestmark = [
@@ -35,7 +37,7 @@ def test_half_precision_on_cuda_matches_float32_reference(
         reply = server.stubs.embed.Embed(
             embed_service_pb2.EmbedRequest(inputs=TEXTS, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
         )
-        served = np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in reply.embeddings])
+        served = _vectors(reply)
         expected = reference_qwen3_embed(qwen3_embedding_folder, TEXTS)
         cosine = np.sum(served * expected, axis=1)
         assert np.all(cosine > 0.99)
@@ -48,3 +50,70 @@ def test_half_precision_on_cuda_matches_float32_reference(
         np.testing.assert_allclose(
             scores, reference_qwen3_rerank(qwen3_reranker_folder, "ranking", TEXTS), atol=2e-2
         )
+
+
+def _vectors(reply: embed_service_pb2.EmbedResponse) -> np.ndarray:
+    return np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in reply.embeddings])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_padding_free_bert_on_cuda_matches_sentence_transformers(
+    dtype: str, bert_embedder_folder: Path
+) -> None:
+    texts = [*TEXTS, " ".join(["retrieval"] * 300)]  # the last one is truncated to 256
+    with serving(model=bert_embedder_folder, device="cuda", dtype=dtype) as server:
+        info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest())
+        (embedder,) = [m for m in info.models if m.kind == info_service_pb2.MODEL_KIND_EMBEDDING]
+        assert embedder.padding_free and embedder.device.startswith("cuda")
+        reply = server.stubs.embed.Embed(
+            embed_service_pb2.EmbedRequest(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
+        )
+    expected = reference_bert_embed(bert_embedder_folder, texts).numpy()
+    assert np.all(np.sum(_vectors(reply) * expected, axis=1) > 0.99)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_packed_bert_encoder_on_cuda_matches_the_padded_model(dtype: torch.dtype) -> None:
+    model = tiny_bert(seed=0, vocab_size=500, hidden_size=128, max_position_embeddings=128)
+    model = model.to("cuda", dtype)
+    lengths = [3, 100, 17, 1, 64]
+    ids = torch.zeros((len(lengths), max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(1, model.config.vocab_size, (length,))
+        mask[row, :length] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.inference_mode():
+        padded = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+        packed = PackedBertEncoder(model)(ids, mask).hidden
+    assert packed.dtype == dtype and torch.isfinite(packed).all()
+    error = (packed.float() - padded.float()).norm() / padded.float().norm()
+    assert error < 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_batch_of_unequal_lengths_on_cuda_equals_each_text_alone(
+    dtype: str, qwen3_embedding_folder: Path
+) -> None:
+    """Padding in half precision (SDPA masks, the last-token gather): a short text batched
+    beside long ones must embed as it does alone."""
+    texts = [" ".join(["ranking"] * n) for n in (1, 2, 5, 40, 3, 200, 7, 90)]
+    request = embed_service_pb2.EmbedRequest
+    with serving(model=qwen3_embedding_folder, device="cuda", dtype=dtype) as server:
+        together = _vectors(
+            server.stubs.embed.Embed(
+                request(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
+            )
+        )
+        alone = np.concatenate(
+            [
+                _vectors(
+                    server.stubs.embed.Embed(
+                        request(inputs=[text], encoding=common_pb2.ENCODING_FLOAT32_BYTES)
+                    )
+                )
+                for text in texts
+            ]
+        )
+    assert np.all(np.isfinite(together))
+    assert np.all(np.sum(together * alone, axis=1) > 0.995)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from harness import InProcessServer
-from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+from harness import InProcessServer, serving
+from support.bert import reference_bert_embed, tiny_bert
+from transformers import RobertaConfig, RobertaModel
 
 from embedserve.service.engine.runner import BatchRunner
 from embedserve.service.models.base import DeviceSpec, gather_last_token, mean_pool
@@ -16,23 +17,9 @@ from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
 from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
 from embedserve.service.models.tokenization import Truncation
-from embedserve.v1 import info_service_pb2
+from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32)
-
-
-def tiny_bert(seed: int, **overrides: Any) -> Any:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **overrides,
-    )
-    return BertModel(config).eval()  # type: ignore[no-untyped-call]
 
 
 def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,3 +123,25 @@ def test_server_info_says_which_models_run_padding_free(
 
     assert padding_free(minilm_server) == {"all-MiniLM-L6-v2": True}
     assert padding_free(qwen3_server) == {"qwen3-embedding-tiny": False}
+
+
+def test_the_offline_bert_stand_in_serves_what_sentence_transformers_computes(
+    bert_embedder_folder: Path,
+) -> None:
+    """The CUDA tests' BERT embedder: on the CPU it must be served padding-free and agree
+    with sentence-transformers, so that a mismatch on CUDA is the device's."""
+    texts = ["hi", "a short text", "a somewhat longer text about retrieval and ranking"]
+    with serving(model=bert_embedder_folder) as server:
+        info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest())
+        assert [
+            m.padding_free for m in info.models if m.kind == info_service_pb2.MODEL_KIND_EMBEDDING
+        ] == [True]
+        reply = server.stubs.embed.Embed(
+            embed_service_pb2.EmbedRequest(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
+        )
+    served = torch.from_numpy(
+        np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in reply.embeddings])
+    )
+    torch.testing.assert_close(
+        served, reference_bert_embed(bert_embedder_folder, texts), atol=1e-5, rtol=1e-4
+    )
