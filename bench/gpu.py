@@ -16,7 +16,8 @@ For each size it measures, in one run:
   the batch-1 forward time is measured beside it, the floor of a single call's latency;
 - embedserve (its own ``embedserve serve --device cuda --dtype float16`` process): unary
   closed loop of one text a call at 1, 64 and 256 callers, of 32 texts a call at 16 callers,
-  and a bulk EmbedStream; tokens/s and the ratio to the ceiling, p50/p99.
+  and a bulk EmbedStream; tokens/s and the ratio to the ceiling, p50/p99. ``--variants``
+  measures several servers (their extra flags) against the same ceiling.
 
 Without a CUDA device it prints why and exits 0 (``--device cpu`` runs the whole script on
 the ``tiny`` shape in float32, to check the script, not to measure). Results: results.json
@@ -30,6 +31,7 @@ import asyncio
 import datetime
 import json
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -242,87 +244,107 @@ def _progress(message: str, started: float) -> None:
     )
 
 
-def run_size(
-    size: str, out: Path, args: argparse.Namespace, save: Any, result: dict[str, Any]
-) -> None:
+def parse_variants(text: str) -> dict[str, list[str]]:
+    """``NAME=ARGS;NAME=ARGS``: server variants, each the extra flags of its server."""
+    variants = {}
+    for part in text.split(";"):
+        if part.strip():
+            name, _, flags = part.partition("=")
+            variants[name.strip()] = shlex.split(flags)
+    return variants
+
+
+LOADS = {"unary_c1": (1, 1), "unary_c64": (64, 1), "unary_c256": (256, 1), "many32_c16": (16, 32)}
+
+
+def measure_server(
+    name: str, flags: list[str], folder: Path, texts_file: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One embedserve process with ``flags``: every load, then the bulk stream."""
+    duration = 3.0 if args.quick else 15.0
+    server = procs.wait_serving_log(
+        procs.start_embedserve(
+            name,
+            args.out / "logs",
+            1,
+            [
+                "--model",
+                str(folder),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--max-batch-tokens",
+                str(MAX_BATCH_TOKENS),
+                "--max-batch-size",
+                "256",
+                "--max-queue-tokens",
+                str(MAX_BATCH_TOKENS * 16),
+                "--stream-window",
+                "64",
+                *flags,
+            ],
+        ),
+        timeout=900,
+    )
+    entry: dict[str, Any] = {"flags": flags}
+    try:
+        for key, (callers, inputs) in LOADS.items():
+            spec = LoadSpec(
+                target=server.address,
+                concurrency=callers,
+                duration=duration,
+                warmup=1.5 if args.quick else 3.0,
+                workload="many" if inputs > 1 else "short",
+                inputs=inputs,
+                texts_file=str(texts_file),
+            )
+            entry[key] = run_load(spec, procs=min(args.loadgen_procs, callers))
+            entry[key].pop("raw_ok_s", None)
+        entry["bulk"] = asyncio.run(
+            run_bulk(
+                BulkSpec(
+                    target=server.address,
+                    count=2000,
+                    duration=duration,
+                    batch_size=64,
+                    window=64,
+                    texts_file=str(texts_file),
+                )
+            )
+        )
+        entry["bulk"].pop("timeline", None)
+    finally:
+        server.stop(60)
+    return entry
+
+
+def run_size(size: str, args: argparse.Namespace, save: Any, result: dict[str, Any]) -> None:
     """Fill ``result`` for one size, calling ``save()`` after every step."""
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f"qwen3-{size}-"))
     folder = build_checkpoint(work / "model", size, args.device, args.dtype)
     _progress(f"{size}: checkpoint built", started)
     result.update({"size": size, "shape": SHAPES[size]})
-    duration = 3.0 if args.quick else 15.0
     for tokens in TEXT_TOKENS:
         texts = make_texts(folder, tokens, 2000)
         texts_file = work / f"texts-{tokens}.json"
         texts_file.write_text(json.dumps(texts))
-        entry: dict[str, Any] = {}
+        entry: dict[str, Any] = {"servers": {}}
         result[f"texts_{tokens}"] = entry
-        entry["ceiling"] = ceiling(folder, texts, duration / 2, args.device, args.dtype)
+        seconds = 1.5 if args.quick else 7.5
+        entry["ceiling"] = ceiling(folder, texts, seconds, args.device, args.dtype)
         save()
         _progress(f"{size} ~{tokens} tokens: ceiling {entry['ceiling']['best']}", started)
-        server = procs.wait_serving_log(
-            procs.start_embedserve(
-                f"embedserve-{size}-{tokens}",
-                out / "logs",
-                1,
-                [
-                    "--model",
-                    str(folder),
-                    "--device",
-                    args.device,
-                    "--dtype",
-                    args.dtype,
-                    "--max-batch-tokens",
-                    str(MAX_BATCH_TOKENS),
-                    "--max-batch-size",
-                    "256",
-                    "--max-queue-tokens",
-                    str(MAX_BATCH_TOKENS * 16),
-                    "--stream-window",
-                    "64",
-                ],
-            ),
-            timeout=900,
-        )
-        _progress(f"{size} ~{tokens} tokens: server up", started)
-        try:
-            loads = {"unary_c1": (1, 1), "unary_c64": (64, 1), "unary_c256": (256, 1)}
-            loads["many32_c16"] = (16, 32)
-            for key, (callers, inputs) in loads.items():
-                spec = LoadSpec(
-                    target=server.address,
-                    concurrency=callers,
-                    duration=duration,
-                    warmup=1.5 if args.quick else 3.0,
-                    workload="many" if inputs > 1 else "short",
-                    inputs=inputs,
-                    texts_file=str(texts_file),
-                )
-                entry[key] = run_load(spec, procs=min(args.loadgen_procs, callers))
-                entry[key].pop("raw_ok_s", None)
-                save()
-                _progress(f"{size} ~{tokens} tokens: {key} done", started)
-            entry["bulk"] = asyncio.run(
-                run_bulk(
-                    BulkSpec(
-                        target=server.address,
-                        count=2000,
-                        duration=duration,
-                        batch_size=64,
-                        window=64,
-                        texts_file=str(texts_file),
-                    )
-                )
-            )
-            entry["bulk"].pop("timeline", None)
-        finally:
-            server.stop(60)
         best = entry["ceiling"]["best"]["tokens_per_s"]
-        for key in (*loads, "bulk"):
-            entry[f"{key}_vs_ceiling"] = entry[key]["tokens_per_s"] / best
-        save()
-        _progress(f"{size} ~{tokens} tokens: done", started)
+        for variant, flags in args.variants.items():
+            name = f"embedserve-{size}-{tokens}-{variant}"
+            server = measure_server(name, flags, folder, texts_file, args)
+            for key in (*LOADS, "bulk"):
+                server[f"{key}_vs_ceiling"] = server[key]["tokens_per_s"] / best
+            entry["servers"][variant] = server
+            save()
+            _progress(f"{size} ~{tokens} tokens: {variant} done", started)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -335,28 +357,30 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Tokens/s, and in brackets the share of the model-alone ceiling measured in the same run.",
         "",
-        "| size | text tokens | ceiling tok/s (batch) | unary c=64 | c=256 | 32 texts/call c=16 | "
-        "bulk stream | c=1 p50 ms (batch-1 forward) | c=64 p50/p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| size | text tokens | server | ceiling tok/s (batch) | unary c=64 | c=256 | "
+        "32 texts/call c=16 | bulk stream | c=1 p50 ms (batch-1 forward) | c=64 p50/p99 ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results["sizes"]:
         for tokens in TEXT_TOKENS:
             e = r.get(f"texts_{tokens}")
-            if not e or "bulk_vs_ceiling" not in e:
+            if not e or "ceiling" not in e:
                 continue
             c = e["ceiling"]["best"]
-
-            def cell(key: str, e: dict[str, Any] = e) -> str:
-                return f"{e[key]['tokens_per_s']:,.0f} ({e[f'{key}_vs_ceiling']:.0%})"
-
-            u1, u64 = e["unary_c1"]["latency_ms"], e["unary_c64"]["latency_ms"]
             forward1 = e["ceiling"]["batch1_forward_ms"]["p50"]
-            lines.append(
-                f"| {r['size']} | ~{tokens} | {c['tokens_per_s']:,.0f} ({c['batch_size']}) | "
-                f"{cell('unary_c64')} | {cell('unary_c256')} | {cell('many32_c16')} | "
-                f"{cell('bulk')} | {u1['p50']:.1f} ({forward1:.1f}) | "
-                f"{u64['p50']:.0f}/{u64['p99']:.0f} |"
-            )
+            for variant, v in e["servers"].items():
+
+                def cell(key: str, v: dict[str, Any] = v) -> str:
+                    return f"{v[key]['tokens_per_s']:,.0f} ({v[f'{key}_vs_ceiling']:.0%})"
+
+                u1, u64 = v["unary_c1"]["latency_ms"], v["unary_c64"]["latency_ms"]
+                lines.append(
+                    f"| {r['size']} | ~{tokens} | {variant} | "
+                    f"{c['tokens_per_s']:,.0f} ({c['batch_size']}) | "
+                    f"{cell('unary_c64')} | {cell('unary_c256')} | {cell('many32_c16')} | "
+                    f"{cell('bulk')} | {u1['p50']:.1f} ({forward1:.1f}) | "
+                    f"{u64['p50']:.0f}/{u64['p99']:.0f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--loadgen-procs", type=int, default=4)
+    parser.add_argument(
+        "--variants",
+        default="shipped=",
+        help="servers to measure against the same ceiling: NAME=FLAGS;NAME=FLAGS "
+        "(e.g. 'shipped=;graphs=--cuda-graph-tokens 8192')",
+    )
     args = parser.parse_args(argv)
+    args.variants = parse_variants(args.variants)
     args.dtype = "float16" if args.device == "cuda" else "float32"
     try:
         import torch
@@ -389,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     out: Path = args.out or procs.ROOT / "bench" / "results" / f"gpu-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
+    args.out = out
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (dry run)",
         "dtype": args.dtype,
@@ -406,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         print(f"bench.gpu: {size} ...", file=sys.stderr, flush=True)
         results["sizes"].append({})
-        run_size(size, out, args, save, results["sizes"][-1])
+        run_size(size, args, save, results["sizes"][-1])
     save()
     print(markdown(results))
     return 0

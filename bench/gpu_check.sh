@@ -32,7 +32,10 @@ timeout "${TEST_TIMEOUT:-150}" "$python" -m pytest -q -m gpu tests/test_cuda.py 
     -p no:cacheprovider -ra 2>&1 | tee "$out/cuda-tests.log" | tail -n 15
 
 work=$(mktemp -d)
-timeout "${BENCH_TIMEOUT:-390}" "$python" -m bench.gpu --quick --sizes "$sizes" --out "$work" \
+# The shipped server, and the same with CUDA graphs (--cuda-graph-tokens, experimental).
+variants=${VARIANTS:-shipped=;graphs=--cuda-graph-tokens 8192}
+timeout "${BENCH_TIMEOUT:-420}" "$python" -m bench.gpu --quick --sizes "$sizes" --out "$work" \
+    --variants "$variants" \
     2>&1 | grep --line-buffered -v -e "Loading weights" -e "Writing model" | tee "$out/bench.log"
 kill "$dmon" 2>/dev/null
 cp "$work/results.json" "$work/results.md" "$out/" 2>/dev/null

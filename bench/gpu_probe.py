@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", default="0.6B")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--only", choices=("graphs",), help="run only this part")
     args = parser.parse_args(argv)
     dtype = "float16" if args.device == "cuda" else "float32"
     import torch
@@ -222,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "probe.json").write_text(json.dumps(results, indent=1))
         print(f"[{time.perf_counter() - started:6.1f} s] {step}", file=sys.stderr, flush=True)
 
+    if args.only == "graphs":
+        results["graphs"] = graph_probe(folder, texts)
+        save(f"graphs {results['graphs']}")
+        return 0
     results["forward"] = forward_probe(folder, texts, args.device, dtype)
     save(f"forward {results['forward']}")
     plain = [sys.executable, "-m", "embedserve.service", *server_args(folder, args.device, dtype)]
@@ -248,6 +253,87 @@ def main(argv: list[str] | None = None) -> int:
             f"server CPU {entry['c64']['server_cpu_ms_per_request']:.2f} ms a call"
         )
     return 0
+
+
+def graph_probe(folder: Path, texts: list[str]) -> dict[str, Any]:
+    """Whether the embedding step (transformers forward, last-token pooling, normalize)
+    captures into a CUDA graph, whether a replay on other inputs (another padding pattern
+    than the captured one) matches eager, and what a replay costs against eager."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(
+        str(folder), dtype=torch.float16, attn_implementation="sdpa", local_files_only=True
+    ).to("cuda")
+    model.eval()
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    seqs = [e.ids for e in tok.encode_batch(texts[:256])]
+
+    def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]
+        return F.normalize(pooled.float(), dim=1)
+
+    def tensors(batch: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, : len(s)] = torch.tensor(s[:width])
+            mask[row, : min(len(s), width)] = 1
+        return ids.cuda(), mask.cuda()
+
+    out: dict[str, Any] = {}
+    for rows in (1, 64):
+        try:
+            out[f"batch{rows}"] = _graph_case(step, tensors, seqs[:rows], seqs[rows : 2 * rows])
+        except Exception as exc:  # the probe reports whatever capture raises
+            out[f"batch{rows}"] = {
+                "captured": False,
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+            }
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    return out
+
+
+def _graph_case(step: Any, tensors: Any, first: list[list[int]], second: list[list[int]]) -> Any:
+    """Capture ``step`` on ``first``, replay it on ``second`` and on a mask without padding."""
+    import torch
+
+    width = 64
+    static_ids, static_mask = tensors(first, width)
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode():
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(static_ids, static_mask)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step(static_ids, static_mask)
+        ids, mask = tensors(second, width)
+
+        def replay(mask: Any = mask) -> Any:
+            static_ids.copy_(ids)
+            static_mask.copy_(mask)
+            graph.replay()
+            return static_out.cpu()
+
+        def eager(mask: Any = mask) -> Any:
+            return step(ids, mask).cpu()
+
+        full = torch.ones_like(mask)
+        return {
+            "captured": True,
+            "cosine_min_other_padding": float((replay() * eager()).sum(1).min()),
+            "cosine_min_no_padding": float((replay(full) * eager(full)).sum(1).min()),
+            "replay_ms": _median_ms(replay),
+            "eager_ms": _median_ms(eager),
+        }
 
 
 if __name__ == "__main__":

@@ -167,6 +167,23 @@ def forward_workers(config: ServerConfig, cpu_threads: int) -> int:
     return 2 if cpu_threads >= 2 else 1
 
 
+def _cuda_graph_tokens(adapter: ModelAdapter, config: ServerConfig) -> int:
+    """``--cuda-graph-tokens`` where it applies: on CUDA, to a model verified to capture."""
+    if not config.cuda_graph_tokens:
+        return 0
+    if adapter.device.device.type != "cuda":
+        log.warning("--cuda-graph-tokens applies on CUDA only; %s runs eagerly", adapter.name)
+        return 0
+    if not adapter.cuda_graphs:
+        log.warning(
+            "%s (%s) is not verified to run from CUDA graphs; it runs eagerly",
+            adapter.name,
+            adapter.family,
+        )
+        return 0
+    return config.cuda_graph_tokens
+
+
 def _engine(
     adapter: ModelAdapter,
     limits: BatchLimits,
@@ -184,6 +201,7 @@ def _engine(
             forward_workers=forward_workers(config, cpu_threads),
             cpu_threads=cpu_threads,
             host_memory=host_memory,
+            cuda_graph_tokens=_cuda_graph_tokens(adapter, config),
         )
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc

@@ -117,3 +117,47 @@ def test_a_batch_of_unequal_lengths_on_cuda_equals_each_text_alone(
         )
     assert np.all(np.isfinite(together))
     assert np.all(np.sum(together * alone, axis=1) > 0.995)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_graphs_serve_what_the_eager_forward_serves(
+    dtype: str, qwen3_embedding_folder: Path, qwen3_reranker_folder: Path
+) -> None:
+    texts = [" ".join(["ranking"] * n) for n in (1, 2, 5, 40, 3, 200, 7, 90)]
+    request = embed_service_pb2.EmbedRequest
+    served: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for tokens in (0, 8192):
+        with serving(
+            model=qwen3_embedding_folder,
+            reranker=qwen3_reranker_folder,
+            device="cuda",
+            dtype=dtype,
+            cuda_graph_tokens=tokens,
+        ) as server:
+            # One call of every text, then each text alone: two shapes of batch.
+            calls = [texts, *([text] for text in texts)]
+            vectors = np.concatenate(
+                [
+                    _vectors(
+                        server.stubs.embed.Embed(
+                            request(inputs=inputs, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
+                        )
+                    )
+                    for inputs in calls
+                ]
+            )
+            ranked = server.stubs.rerank.Rerank(
+                rerank_service_pb2.RerankRequest(query="ranking", documents=texts)
+            )
+            scores = np.zeros(len(texts))
+            for result in ranked.results:
+                scores[result.index] = result.score
+            replays = sum(engine.cuda_graph_replays for engine in server.registry.engines())
+            assert (replays > 0) == bool(tokens)
+            served[tokens] = (vectors, scores)
+    eager, graphed = served[0], served[8192]
+    assert np.all(np.isfinite(graphed[0]))
+    assert np.all(np.sum(eager[0] * graphed[0], axis=1) > 0.999)
+    np.testing.assert_allclose(graphed[1], eager[1], atol=1e-2)
+    expected = reference_qwen3_embed(qwen3_embedding_folder, texts)
+    assert np.all(np.sum(graphed[0][: len(texts)] * expected, axis=1) > 0.99)

@@ -66,10 +66,13 @@ class Engine:
         forward_workers: int = 1,
         cpu_threads: int = 0,
         host_memory: HostMemoryTrimmer | None = None,
+        cuda_graph_tokens: int = 0,
     ) -> None:
         """``forward_workers`` batches may run at once, sharing ``cpu_threads`` torch
         threads (0: not on a CPU; see ``workers.py``). ``host_memory``: the process's
-        trimmer of freed host memory (``host_memory.py``), if any."""
+        trimmer of freed host memory (``host_memory.py``), if any. ``cuda_graph_tokens``:
+        batches of up to this many padded tokens replay CUDA graphs captured at start
+        (``cuda_graphs.py``; 0: none)."""
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
         self.telemetry = telemetry or EngineTelemetry(adapter.name, "", None, None)
@@ -77,6 +80,7 @@ class Engine:
         self.stats = EngineStats()
         self.state = EngineState.STARTING
         self._runner = BatchRunner(adapter)
+        self._cuda_graph_tokens = cuda_graph_tokens
         self.workers = ForwardWorkers(
             adapter.name, forward_workers, cpu_threads, forward_nice, host_memory
         )
@@ -98,7 +102,10 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self, *, warmup: bool = True) -> None:
-        """Warm up with a full-size batch, then start batching."""
+        """Capture CUDA graphs if asked to, warm up with a full-size batch, then start
+        batching."""
+        if self._cuda_graph_tokens:
+            await self._capture_graphs()
         if warmup:
             batch = self._warmup_batch()
             memory = self.workers.host_memory
@@ -136,6 +143,38 @@ class Engine:
             self._batch_loop(), name=f"engine-{self.adapter.name}"
         )
         self.state = EngineState.READY
+
+    @property
+    def cuda_graph_replays(self) -> int:
+        """Batches run from a CUDA graph so far (0 without ``cuda_graph_tokens``)."""
+        graphs = self._runner.graphs
+        return graphs.replays if graphs is not None else 0
+
+    async def _capture_graphs(self) -> None:
+        (worker,) = self.workers.place(1)
+        try:
+            seconds = await self.workers.run(
+                worker,
+                self._runner.capture_graphs,
+                self.limits.max_batch_size,
+                min(self._cuda_graph_tokens, self.limits.max_batch_tokens),
+            )
+        except Exception as exc:  # torch raises many types; the start fails either way
+            raise RuntimeError(
+                f"{self.adapter.name}: capturing CUDA graphs failed ({exc}); "
+                "start without --cuda-graph-tokens"
+            ) from exc
+        finally:
+            self.workers.release(worker)
+        graphs = self._runner.graphs
+        log.info(
+            "cuda graphs captured",
+            extra={
+                "model": self.adapter.name,
+                "shapes": len(graphs.shapes) if graphs is not None else 0,
+                "seconds": round(seconds, 2),
+            },
+        )
 
     async def wait_idle(self) -> None:
         """Return when no accepted work is left in the queue or on the device."""

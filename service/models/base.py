@@ -53,6 +53,10 @@ class ModelAdapter(ABC):
     kind: ModelKind
     tokenizer: TextTokenizer
     device: DeviceSpec
+    # Whether ``forward`` may be captured into a CUDA graph (engine/cuda_graphs.py): no host
+    # synchronisation, no shape that depends on the data. Set only where a capture was
+    # checked against eager.
+    cuda_graphs: bool = False
 
     @property
     def max_input_tokens(self) -> int:

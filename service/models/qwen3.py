@@ -50,6 +50,7 @@ def _qwen3_tokenizer(options: ModelOptions) -> TextTokenizer:
 class Qwen3Embedder(EmbeddingAdapter):
     family = "qwen3-embedding"
     pooling = "last_token"
+    cuda_graphs = True  # bench/gpu_probe.py --only graphs; tests/test_cuda.py
 
     def __init__(self, options: ModelOptions, device: DeviceSpec) -> None:
         self.name = options.name
@@ -87,6 +88,7 @@ class Qwen3Reranker(RerankerAdapter):
     family = "qwen3-reranker"
     method = RerankMethod.YES_NO_LOGITS
     accepts_instruction = True
+    cuda_graphs = True  # tests/test_cuda.py
 
     def __init__(self, options: ModelOptions, device: DeviceSpec) -> None:
         self.name = options.name
