@@ -85,8 +85,11 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         host_memory = HostMemoryTrimmer(config.memory_trim_interval_ms / 1000.0)
         if telemetry.metrics is not None and host_memory.enabled:
             telemetry.metrics.watch_host_memory(host_memory)
-        cpu_threads = config.threads or available_cpus()
-        torch.set_num_threads(cpu_threads)
+        cpu_threads = torch_threads(config)
+        # This thread loads the models and then runs the event loop: it never runs a
+        # parallel region, so that forward worker 0's OpenMP team is the process's only one
+        # (engine/workers.py says why). The workers set their own counts per batch.
+        torch.set_num_threads(1)
         workers = forward_workers(config, cpu_threads)
         log.info(
             "torch threads",
@@ -157,6 +160,11 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         registry.default_reranker = reranker_name
     install_caches(registry, config, folder, telemetry)  # an unusable Redis URL: ValueError
     return registry
+
+
+def torch_threads(config: ServerConfig) -> int:
+    """The torch threads the forward workers share on a CPU."""
+    return config.threads or available_cpus()
 
 
 def forward_workers(config: ServerConfig, cpu_threads: int) -> int:
@@ -380,7 +388,7 @@ def _in_flight_limit(config: ServerConfig, registry: ModelRegistry) -> InFlightL
     limit = config.max_calls_in_flight
     if limit is None:
         on_cuda = any(e.adapter.device.device.type == "cuda" for e in registry.engines())
-        limit = default_limit(on_cuda=on_cuda, cpu_threads=torch.get_num_threads())
+        limit = default_limit(on_cuda=on_cuda, cpu_threads=torch_threads(config))
     if limit == 0:
         return None
     return InFlightLimit(limit, UNARY_WORK_METHODS)

@@ -24,7 +24,7 @@ from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.work import Lane
-from embedserve.service.engine.workers import SMALL_BATCH_TOKENS, ForwardWorkers, Placement
+from embedserve.service.engine.workers import ForwardWorkers, Placement
 from embedserve.service.server import build_registry, forward_workers
 
 MAX_BATCH_SIZE = 32  # a quarter of a full batch: 8 sequences
@@ -45,12 +45,11 @@ def test_a_batch_alone_gets_every_thread() -> None:
         workers.shutdown()
 
 
-def test_batches_starting_together_split_the_threads() -> None:
+def test_batches_starting_together_leave_worker_0_what_the_others_do_not_take() -> None:
     workers = ForwardWorkers("t", 3, cpu_threads=5)
     try:
         placements = workers.place(3)
-        assert sorted(p.threads for p in placements) == [1, 2, 2]
-        assert len({p.worker for p in placements}) == 3
+        assert placements == [Placement(0, 3), Placement(1, 1), Placement(2, 1)]
         assert workers.free == 0
         with pytest.raises(ValueError, match="cannot place 1 batches on 0 free workers"):
             workers.place(1)
@@ -70,6 +69,25 @@ def test_a_batch_beside_a_running_one_gets_what_is_left_and_at_least_one() -> No
         workers.release(second)
         workers.release(third)
         assert workers.place(2) == [Placement(third.worker, 1), Placement(second.worker, 1)]
+    finally:
+        workers.shutdown()
+
+
+def test_only_worker_0_runs_a_batch_on_more_than_one_thread() -> None:
+    """One OpenMP team in the process (engine/workers.py): worker 0's."""
+    workers = ForwardWorkers("t", 2, cpu_threads=4)
+    try:
+        first, second = workers.place(2)
+        assert (first, second) == (Placement(0, 3), Placement(1, 1))
+        workers.release(first)
+        workers.release(second)  # released last, yet a lone batch still goes to worker 0
+        (alone,) = workers.place(1)
+        assert alone == Placement(0, 4)
+        (beside,) = workers.place(1)
+        assert beside == Placement(1, 1)
+        workers.release(alone)
+        (again,) = workers.place(1)
+        assert again == Placement(0, 3)  # what the batch on worker 1 leaves
     finally:
         workers.shutdown()
 
@@ -219,23 +237,25 @@ def test_two_workers_by_default_for_two_threads(server: InProcessServer) -> None
 def test_a_lone_request_runs_on_every_thread(server: InProcessServer, recorder: Recorder) -> None:
     recorder.gate.set()
     before = computed(server)
-    submit(server, 3, sequence=list(range(5, 5 + SMALL_BATCH_TOKENS)))
+    submit(server, 3)
     wait_until(lambda: computed(server) == before + 3, what="the request to be computed")
     assert recorder.batches == [(3, 2, 2)]
 
 
-def test_a_batch_too_small_to_earn_a_second_thread_runs_on_one(
-    server: InProcessServer, recorder: Recorder
+def test_the_thread_that_loads_the_models_never_runs_torch_in_parallel(
+    qwen3_embedding_folder: Path,
 ) -> None:
-    recorder.gate.set()
-    before = computed(server)
-    submit(server, 3)  # 12 tokens
-    wait_until(lambda: computed(server) == before + 3, what="the request to be computed")
-    assert recorder.batches == [(3, 1, 1)]
-    # One token short of the bound stays on one thread; at the bound it takes both.
-    assert ForwardWorkers.threads_for(Placement(0, 2), SMALL_BATCH_TOKENS - 1) == 1
-    assert ForwardWorkers.threads_for(Placement(0, 2), SMALL_BATCH_TOKENS) == 2
-    assert ForwardWorkers.threads_for(Placement(0, 0), 1) == 0  # a GPU: left alone
+    """Its OpenMP team would be a second one beside worker 0's (engine/workers.py)."""
+    threads_before = torch.get_num_threads()
+    config = dataclasses.replace(TEST_CONFIG, model=qwen3_embedding_folder, warmup=False)
+    try:
+        registry = build_registry(config)
+        assert torch.get_num_threads() == 1
+        for engine in registry.engines():
+            assert engine.workers.cpu_threads == 2
+            asyncio.run(engine.stop())
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def test_a_queue_is_split_between_free_workers_that_run_at_once(
@@ -289,7 +309,7 @@ def test_a_small_queue_waits_for_the_running_batch_and_a_large_one_does_not(
     server: InProcessServer, recorder: Recorder
 ) -> None:
     before = computed(server)
-    submit(server, 1, sequence=list(range(5, 5 + SMALL_BATCH_TOKENS)))  # worth two threads
+    submit(server, 1)
     wait_until(lambda: len(recorder.batches) == 1, what="the first batch to start")
     # Fewer than a quarter of a full batch (8): not worth the idle worker.
     submit(server, 7)

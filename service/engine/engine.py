@@ -389,7 +389,7 @@ class Engine:
         for batch, placement in zip(batches, placements, strict=True):
             self._batch_counter += 1
             padded = len(batch) * self._runner.padded_width([s.length for s in batch])
-            threads = self.workers.threads_for(placement, padded)
+            threads = placement.threads
             span = self.telemetry.batch_started(batch, padded, threads)
             ids = [seq.ids for seq in batch]
             running = _RunningBatch(

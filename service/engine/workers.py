@@ -7,9 +7,18 @@ two workers with a thread each do not wait for one another. Measured here (2 cor
 model alone; docs/benchmarks.md, seventh session): +10-27% with the cores to themselves,
 +31-42% beside a thread that holds a core 30% of the time.
 
-A batch that runs alone still gets every thread, so one caller waits no longer than with a
-single worker: threads are handed out when a batch starts, from those that running batches
-do not hold. Bookkeeping happens on the event loop only; the workers just run what they get.
+**One OpenMP team in the process.** torch runs an operator on several threads through an
+OpenMP team that belongs to the thread that issued it, and the team's threads live on after
+it. Once the process's teams hold more threads than it has CPUs, libgomp stops letting idle
+team threads spin and puts them to sleep, and every parallel region then pays a futex wake:
+a one-sentence forward on 2 threads took 13 ms instead of 5.5 (tenth session,
+docs/benchmarks.md). So exactly one thread ever runs a batch on more than one thread:
+worker 0. It takes the threads that running batches do not hold, less one for each other
+batch starting with it; every other worker runs on one thread, which needs no team; and the
+server's main thread never runs a parallel region (``server.py``). A batch that starts with
+worker 0 free goes to it, so one caller gets every thread and waits no longer than with a
+single worker. Bookkeeping happens on the event loop only; the workers just run what they
+get.
 """
 
 from __future__ import annotations
@@ -28,12 +37,8 @@ from embedserve.service.engine.host_memory import HostMemoryTrimmer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A forward of fewer padded tokens runs on one torch thread. Issued from a worker thread
-# (any but the main one), a forward on two threads pays about 70 us at each of its parallel
-# regions, which small batches do not earn back: one 16-token sentence took 12.4 ms on two
-# threads and 10.1 ms on one, four took about the same, eight were faster on two
-# (docs/benchmarks.md, ninth session).
-SMALL_BATCH_TOKENS = 64
+# The one worker that runs batches on more than one thread (module docstring).
+PARALLEL_WORKER = 0
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class ForwardWorkers:
             )
             for index in range(count)
         ]
-        self._free = list(range(count - 1, -1, -1))  # popped from the end: worker 0 first
+        self._free = list(range(count - 1, -1, -1))  # descending: popped lowest first
         self._threads_in_use = 0
 
     @property
@@ -84,31 +89,29 @@ class ForwardWorkers:
         return self.count - len(self._free)
 
     def place(self, batches: int) -> list[Placement]:
-        """Reserve a worker for each of ``batches`` batches starting now (at most ``free``).
-
-        The threads no running batch holds are split evenly among them, at least one each.
-        """
+        """Reserve a worker for each of ``batches`` batches starting now (at most ``free``):
+        the lowest free ones. Worker 0 gets the threads no running batch holds, less one for
+        each other batch starting with it, and at least one; the others get one each."""
         if not 0 < batches <= len(self._free):
             raise ValueError(f"cannot place {batches} batches on {len(self._free)} free workers")
-        placements = []
+        chosen = [self._free.pop() for _ in range(batches)]
         spare = self.cpu_threads - self._threads_in_use
-        for left in range(batches, 0, -1):
-            threads = max(1, spare // left) if self.cpu_threads else 0
-            spare -= threads
+        placements = []
+        for worker in chosen:
+            if not self.cpu_threads:
+                threads = 0
+            elif worker == PARALLEL_WORKER:
+                threads = max(1, spare - (batches - 1))
+            else:
+                threads = 1
             self._threads_in_use += threads
-            placements.append(Placement(self._free.pop(), threads))
+            placements.append(Placement(worker, threads))
         return placements
-
-    @staticmethod
-    def threads_for(placement: Placement, padded_tokens: int) -> int:
-        """The torch threads a batch of ``padded_tokens`` uses of those it holds."""
-        if placement.threads > 1 and padded_tokens < SMALL_BATCH_TOKENS:
-            return 1
-        return placement.threads
 
     def release(self, placement: Placement) -> None:
         self._threads_in_use -= placement.threads
         self._free.append(placement.worker)
+        self._free.sort(reverse=True)
 
     def run(self, placement: Placement, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run ``job(*args)`` on the placement's worker; the caller releases the placement."""
