@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -23,6 +22,7 @@ from test_telemetry import scrape, value
 from embedserve.client.errors import OverloadedError, from_rpc_error
 from embedserve.service.api.in_flight import CALLS_PER_CPU_THREAD, default_limit
 from embedserve.service.engine.work import Lane
+from embedserve.service.server import torch_threads
 from embedserve.v1 import embed_service_pb2, info_service_pb2, rerank_service_pb2
 
 
@@ -170,7 +170,8 @@ def test_the_server_resolves_auto_and_zero(qwen3_embedding_folder: Path) -> None
     with serving(model=qwen3_embedding_folder, warmup=False) as server:
         limit = server.server.in_flight
         assert limit is not None
-        assert limit.limit == CALLS_PER_CPU_THREAD * torch.get_num_threads()
+        # The threads the forward workers share, not the loading thread's one.
+        assert limit.limit == CALLS_PER_CPU_THREAD * torch_threads(server.config) == 64
     with serving(model=qwen3_embedding_folder, warmup=False, max_calls_in_flight=0) as server:
         assert server.server.in_flight is None
         info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=10)

@@ -343,8 +343,10 @@ class Engine:
         return [longest] * count
 
     async def _warm_other_workers(self, longest: list[int]) -> None:
-        """One short forward pass on each free worker, together, so that their torch
-        threads exist before the first burst rather than being made during it."""
+        """One short forward pass on each free worker, together, so that what a thread sets
+        up on its first forward (allocator and kernel caches) is done before the first burst
+        rather than during it. They run on one thread each: only worker 0 makes an OpenMP
+        team (``workers.py``)."""
         others = self.workers.place(self.workers.free) if self.workers.free else []
         try:
             await asyncio.gather(
