@@ -15,15 +15,12 @@ there, not under traffic. A batch with no shape close enough (``shape_for``) run
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
