@@ -138,7 +138,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     )
     embedder = EmbeddingModel(
         adapter := load_embedder(embedder_options, device),
-        _engine(adapter, limits, telemetry, config, cpu_threads, host_memory),
+        _engine(adapter, limits, telemetry, config, cpu_threads, host_memory, parallel=True),
     )
     registry = ModelRegistry(default_embedder=name)
     registry.embedders[name] = embedder
@@ -155,7 +155,9 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         )
         reranker = load_reranker(reranker_options, device)
         registry.rerankers[reranker_name] = ModelReranker(
-            reranker, _engine(reranker, limits, telemetry, config, cpu_threads, host_memory)
+            reranker,
+            # The embedder's worker 0 holds the process's one OpenMP team (workers.py).
+            _engine(reranker, limits, telemetry, config, cpu_threads, host_memory, parallel=False),
         )
         registry.default_reranker = reranker_name
     install_caches(registry, config, folder, telemetry)  # an unusable Redis URL: ValueError
@@ -199,6 +201,8 @@ def _engine(
     config: ServerConfig,
     cpu_threads: int,
     host_memory: HostMemoryTrimmer | None,
+    *,
+    parallel: bool,
 ) -> Engine:
     try:
         return Engine(
@@ -210,6 +214,7 @@ def _engine(
             cpu_threads=cpu_threads,
             host_memory=host_memory,
             cuda_graph_tokens=_cuda_graph_tokens(adapter, config),
+            parallel_worker=parallel,
         )
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc

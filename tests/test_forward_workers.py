@@ -92,6 +92,35 @@ def test_only_worker_0_runs_a_batch_on_more_than_one_thread() -> None:
         workers.shutdown()
 
 
+def test_workers_without_the_parallel_worker_run_every_batch_on_one_thread() -> None:
+    workers = ForwardWorkers("t", 2, cpu_threads=2, parallel=False)
+    try:
+        (alone,) = workers.place(1)
+        assert alone == Placement(0, 1)
+        workers.release(alone)
+        assert workers.place(2) == [Placement(0, 1), Placement(1, 1)]
+    finally:
+        workers.shutdown()
+
+
+def test_a_second_cpu_model_leaves_the_one_parallel_worker_to_the_embedder(
+    cross_encoder_folder: Path,
+) -> None:
+    threads_before = torch.get_num_threads()
+    config = dataclasses.replace(TEST_CONFIG, reranker=cross_encoder_folder, warmup=False)
+    try:
+        registry = build_registry(config)
+        embedder = registry.embedders[registry.default_embedder].engine
+        reranker = registry.rerankers[registry.default_reranker].engine
+        assert embedder.workers.parallel and not reranker.workers.parallel
+        assert [p.threads for p in embedder.workers.place(1)] == [2]
+        assert [p.threads for p in reranker.workers.place(1)] == [1]
+        for engine in registry.engines():
+            asyncio.run(engine.stop())
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def test_off_the_cpu_threads_are_left_alone() -> None:
     workers = ForwardWorkers("t", 1, cpu_threads=0)
     try:

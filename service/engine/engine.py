@@ -67,12 +67,14 @@ class Engine:
         cpu_threads: int = 0,
         host_memory: HostMemoryTrimmer | None = None,
         cuda_graph_tokens: int = 0,
+        parallel_worker: bool = True,
     ) -> None:
         """``forward_workers`` batches may run at once, sharing ``cpu_threads`` torch
         threads (0: not on a CPU; see ``workers.py``). ``host_memory``: the process's
         trimmer of freed host memory (``host_memory.py``), if any. ``cuda_graph_tokens``:
         batches of up to this many padded tokens replay CUDA graphs captured at start
-        (``cuda_graphs.py``; 0: none)."""
+        (``cuda_graphs.py``; 0: none). ``parallel_worker``: whether this engine's worker 0
+        runs batches on several CPU threads (``workers.py``: one per process)."""
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
         self.telemetry = telemetry or EngineTelemetry(adapter.name, "", None, None)
@@ -82,7 +84,7 @@ class Engine:
         self._runner = BatchRunner(adapter)
         self._cuda_graph_tokens = cuda_graph_tokens
         self.workers = ForwardWorkers(
-            adapter.name, forward_workers, cpu_threads, forward_nice, host_memory
+            adapter.name, forward_workers, cpu_threads, forward_nice, host_memory, parallel_worker
         )
         self._tokenizer = TokenizerPool(adapter.name)
         self._scheduler = Scheduler(limits, self._expire)

@@ -58,16 +58,20 @@ class ForwardWorkers:
         cpu_threads: int,
         nice: int = 0,
         host_memory: HostMemoryTrimmer | None = None,
+        parallel: bool = True,
     ) -> None:
         """``count`` workers sharing ``cpu_threads`` torch threads (0: not on a CPU).
 
         ``host_memory``: trimmed on a worker after a batch, when due (``host_memory.py``).
+        ``parallel``: whether worker 0 runs batches on several threads. A process's second
+        set of workers (a second model's) has none, so that one team stays the only one.
         """
         if count < 1:
             raise ValueError("forward workers must be at least 1")
         self.count = count
         self.cpu_threads = cpu_threads
         self.host_memory = host_memory
+        self.parallel = parallel
         self._executors = [
             ThreadPoolExecutor(
                 1,
@@ -100,7 +104,7 @@ class ForwardWorkers:
         for worker in chosen:
             if not self.cpu_threads:
                 threads = 0
-            elif worker == PARALLEL_WORKER:
+            elif worker == PARALLEL_WORKER and self.parallel:
                 threads = max(1, spare - (batches - 1))
             else:
                 threads = 1
