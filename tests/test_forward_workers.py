@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +26,27 @@ from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.work import Lane
 from embedserve.service.engine.workers import ForwardWorkers, Placement
+from embedserve.service.registry import ModelRegistry
 from embedserve.service.server import build_registry, forward_workers
 
 MAX_BATCH_SIZE = 32  # a quarter of a full batch: 8 sequences
 SEQUENCE = [5, 6, 7, 8]
+
+
+@contextmanager
+def built_registry(config: ServerConfig) -> Iterator[ModelRegistry]:
+    """``build_registry`` in this thread; its engines stopped and this thread's torch thread
+    count put back afterwards (the build sets it to one)."""
+    threads_before = torch.get_num_threads()
+    try:
+        registry = build_registry(config)
+        try:
+            yield registry
+        finally:
+            for engine in registry.engines():
+                asyncio.run(engine.stop())
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 # -- the thread budget ------------------------------------------------------------------
@@ -106,19 +124,13 @@ def test_workers_without_the_parallel_worker_run_every_batch_on_one_thread() -> 
 def test_a_second_cpu_model_leaves_the_one_parallel_worker_to_the_embedder(
     cross_encoder_folder: Path,
 ) -> None:
-    threads_before = torch.get_num_threads()
     config = dataclasses.replace(TEST_CONFIG, reranker=cross_encoder_folder, warmup=False)
-    try:
-        registry = build_registry(config)
+    with built_registry(config) as registry:
         embedder = registry.embedders[registry.default_embedder].engine
         reranker = registry.rerankers[registry.default_reranker].engine
         assert embedder.workers.parallel and not reranker.workers.parallel
         assert [p.threads for p in embedder.workers.place(1)] == [2]
         assert [p.threads for p in reranker.workers.place(1)] == [1]
-        for engine in registry.engines():
-            asyncio.run(engine.stop())
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def test_off_the_cpu_threads_are_left_alone() -> None:
@@ -140,21 +152,16 @@ def test_default_worker_count_follows_the_threads() -> None:
 def test_more_workers_than_threads_is_allowed_and_warned(
     qwen3_embedding_folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    threads_before = torch.get_num_threads()
     config = dataclasses.replace(
         TEST_CONFIG, model=qwen3_embedding_folder, threads=1, forward_workers=3, warmup=False
     )
-    try:
-        with caplog.at_level(logging.WARNING, logger="embedserve.service.server"):
-            registry = build_registry(config)
+    with (
+        caplog.at_level(logging.WARNING, logger="embedserve.service.server"),
+        built_registry(config) as registry,
+    ):
         (engine,) = registry.engines()
-        try:
-            assert (engine.workers.count, engine.workers.cpu_threads) == (3, 1)
-            assert [p.threads for p in engine.workers.place(3)] == [1, 1, 1]
-        finally:
-            asyncio.run(engine.stop())
-    finally:
-        torch.set_num_threads(threads_before)
+        assert (engine.workers.count, engine.workers.cpu_threads) == (3, 1)
+        assert [p.threads for p in engine.workers.place(3)] == [1, 1, 1]
     assert "more forward workers than torch threads" in caplog.text
     assert "up to 3 threads may compete for 1" in caplog.text
 
@@ -163,18 +170,15 @@ def test_start_up_on_the_cpu_names_the_bfloat16_option_where_amx_has_it(
     qwen3_embedding_folder: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CPU checks at start-up all run: the AMX hint beside the thread and worker counts."""
-    threads_before = torch.get_num_threads()
     config = dataclasses.replace(TEST_CONFIG, model=qwen3_embedding_folder, warmup=False)
     for amx in (True, False):
         monkeypatch.setattr("embedserve.service.server.has_amx_bf16", lambda amx=amx: amx)
         caplog.clear()
-        try:
-            with caplog.at_level(logging.INFO, logger="embedserve.service.server"):
-                registry = build_registry(config)
-            for engine in registry.engines():
-                asyncio.run(engine.stop())
-        finally:
-            torch.set_num_threads(threads_before)
+        with (
+            caplog.at_level(logging.INFO, logger="embedserve.service.server"),
+            built_registry(config),
+        ):
+            pass
         assert "torch threads" in caplog.text
         assert ("this CPU has AMX-BF16" in caplog.text) is amx
 
@@ -275,16 +279,10 @@ def test_the_thread_that_loads_the_models_never_runs_torch_in_parallel(
     qwen3_embedding_folder: Path,
 ) -> None:
     """Its OpenMP team would be a second one beside worker 0's (engine/workers.py)."""
-    threads_before = torch.get_num_threads()
     config = dataclasses.replace(TEST_CONFIG, model=qwen3_embedding_folder, warmup=False)
-    try:
-        registry = build_registry(config)
+    with built_registry(config) as registry:
         assert torch.get_num_threads() == 1
-        for engine in registry.engines():
-            assert engine.workers.cpu_threads == 2
-            asyncio.run(engine.stop())
-    finally:
-        torch.set_num_threads(threads_before)
+        assert [engine.workers.cpu_threads for engine in registry.engines()] == [2]
 
 
 def test_a_queue_is_split_between_free_workers_that_run_at_once(
