@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import redis
 
 from embedserve.service.config import ServerConfig
@@ -28,6 +29,7 @@ from embedserve.service.engine.engine import Engine
 from embedserve.service.server import Server, build_registry
 from embedserve.service.telemetry.setup import Telemetry
 from embedserve.v1 import (
+    embed_service_pb2,
     embed_service_pb2_grpc,
     info_service_pb2_grpc,
     rerank_service_pb2_grpc,
@@ -115,6 +117,11 @@ def serving(**overrides: Any) -> Iterator[InProcessServer]:
         yield server
     finally:
         server.stop()
+
+
+def bytes_vectors(response: embed_service_pb2.EmbedResponse) -> np.ndarray:
+    """The vectors of an ENCODING_FLOAT32_BYTES response, one row an input."""
+    return np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in response.embeddings])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:

@@ -11,7 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from harness import InProcessServer, RedisServer, free_port, redis_binary, serving, wait_until
+from harness import (
+    InProcessServer,
+    RedisServer,
+    bytes_vectors,
+    free_port,
+    redis_binary,
+    serving,
+    wait_until,
+)
 from test_errors import invalid
 from test_lifecycle import failed_start, start_error
 from test_telemetry import scrape, value
@@ -187,10 +195,6 @@ def embed(
     return response
 
 
-def raw(response: embed_service_pb2.EmbedResponse) -> np.ndarray:
-    return np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in response.embeddings])
-
-
 def test_a_repeat_is_served_from_memory_for_every_dimension_and_encoding(
     cached: InProcessServer,
 ) -> None:
@@ -206,13 +210,13 @@ def test_a_repeat_is_served_from_memory_for_every_dimension_and_encoding(
 
     again = embed(cached, texts, normalize=False)
     assert again.usage.cached_inputs == 2
-    assert raw(again).tobytes() == raw(first).tobytes()  # bit for bit
+    assert bytes_vectors(again).tobytes() == bytes_vectors(first).tobytes()  # bit for bit
     assert again.usage.input_tokens == first.usage.input_tokens
     assert (again.usage.inputs, again.usage.truncated_inputs) == (2, 0)
     for part in (again.timing.tokenization, again.timing.queue, again.timing.inference):
         assert part.ToNanoseconds() == 0
 
-    vectors = raw(first)
+    vectors = bytes_vectors(first)
     short = embed(cached, texts, dimensions=64, encoding=common_pb2.ENCODING_FLOAT32)
     assert short.usage.cached_inputs == 2
     floats = np.array([list(e.float32.values) for e in short.embeddings], dtype=np.float32)
@@ -238,7 +242,7 @@ def test_instruction_and_truncation_are_part_of_the_key(cached: InProcessServer)
     assert start.usage.cached_inputs == 0
     query = embed(cached, [text], instruction="query: ")
     assert query.usage.cached_inputs == 0
-    assert len({raw(r).tobytes() for r in (end, start, query)}) == 3
+    assert len({bytes_vectors(r).tobytes() for r in (end, start, query)}) == 3
     # Each of them is now cached under its own key, with its own usage.
     for response, options in (
         (end, {}),
@@ -247,7 +251,7 @@ def test_instruction_and_truncation_are_part_of_the_key(cached: InProcessServer)
     ):
         repeat = embed(cached, [text], **options)
         assert repeat.usage.cached_inputs == 1
-        assert raw(repeat).tobytes() == raw(response).tobytes()
+        assert bytes_vectors(repeat).tobytes() == bytes_vectors(response).tobytes()
         assert repeat.usage.truncated_inputs == 1
         assert repeat.usage.input_tokens == response.usage.input_tokens == 256
 
@@ -264,10 +268,10 @@ def test_mixed_requests_keep_input_order(
     assert counters(cached)["misses"] - before["misses"] == 2
     reference = embed(minilm_server, texts)  # the same model without a cache
     assert mixed.usage.input_tokens == reference.usage.input_tokens
-    assert np.allclose(raw(mixed), raw(reference), atol=1e-5)
+    assert np.allclose(bytes_vectors(mixed), bytes_vectors(reference), atol=1e-5)
     # The four vectors differ from each other, so a swap could not pass the check above.
     assert (
-        np.abs(raw(reference)[:, None] - raw(reference)[None])
+        np.abs(bytes_vectors(reference)[:, None] - bytes_vectors(reference)[None])
         .max(axis=2)[~np.eye(4, dtype=bool)]
         .min()
         > 1e-3
@@ -284,7 +288,7 @@ def test_duplicates_in_one_request_are_computed_once(
     assert after["sequences"] - before["sequences"] == 2
     assert after["misses"] - before["misses"] == 2
     assert response.usage.cached_inputs == 0  # computed here, not found in the cache
-    vectors = raw(response)
+    vectors = bytes_vectors(response)
     assert vectors[0].tobytes() == vectors[2].tobytes() == vectors[3].tobytes()
     assert response.usage.input_tokens == embed(minilm_server, texts).usage.input_tokens
 
@@ -297,7 +301,7 @@ def test_a_fully_cached_request_never_enters_the_engine(cached: InProcessServer)
     try:
         repeat = embed(cached, texts)
         assert repeat.usage.cached_inputs == 1
-        assert raw(repeat).tobytes() == raw(first).tobytes()
+        assert bytes_vectors(repeat).tobytes() == bytes_vectors(first).tobytes()
         assert engine.outstanding == 0
     finally:
         cached.call(engine.release)
@@ -322,7 +326,7 @@ def test_stream_items_and_similarity_rerank_use_the_cache(cached: InProcessServe
     second = {r.id: r for r in cached.stubs.embed.EmbedStream(iter(items[1:]), timeout=30)}
     assert first["0"].result.usage.cached_inputs == 0
     assert second["1"].result.usage.cached_inputs == 2
-    assert raw(second["1"].result).tobytes() == raw(first["0"].result).tobytes()
+    assert bytes_vectors(second["1"].result).tobytes() == bytes_vectors(first["0"].result).tobytes()
 
     rerank = rerank_service_pb2.RerankRequest(
         query="which one is cached", documents=["doc one cached", "doc two cached"]
@@ -362,7 +366,7 @@ def test_replicas_share_vectors_through_redis(redis_url: str, redis_server: Redi
 
         shared = embed(b, texts)
         assert shared.usage.cached_inputs == 2
-        assert raw(shared).tobytes() == raw(computed).tobytes()
+        assert bytes_vectors(shared).tobytes() == bytes_vectors(computed).tobytes()
         assert shared.usage.input_tokens == computed.usage.input_tokens
         b_counts = counters(b)
         assert (b_counts["redis"], b_counts["misses"], b_counts["sequences"]) == (2, 0, 0)
@@ -390,7 +394,9 @@ def test_a_dead_redis_never_fails_a_request() -> None:
                 response = embed(server, texts)  # answered by computing
                 assert response.usage.cached_inputs == 0
                 assert len(response.embeddings) == 1
-            assert np.allclose(raw(embed(server, ["before redis died"])), raw(first), atol=1e-5)
+            assert np.allclose(
+                bytes_vectors(embed(server, ["before redis died"])), bytes_vectors(first), atol=1e-5
+            )
             assert counters(server)["errors"] >= 1
     finally:
         redis_server.stop()

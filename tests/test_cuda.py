@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import serving
+from harness import bytes_vectors, serving
 from support.bert import reference_bert_embed, tiny_bert
 from support.qwen3 import reference_qwen3_embed, reference_qwen3_rerank
 
@@ -37,7 +37,7 @@ def test_half_precision_on_cuda_matches_float32_reference(
         reply = server.stubs.embed.Embed(
             embed_service_pb2.EmbedRequest(inputs=TEXTS, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
         )
-        served = _vectors(reply)
+        served = bytes_vectors(reply)
         expected = reference_qwen3_embed(qwen3_embedding_folder, TEXTS)
         cosine = np.sum(served * expected, axis=1)
         assert np.all(cosine > 0.99)
@@ -50,10 +50,6 @@ def test_half_precision_on_cuda_matches_float32_reference(
         np.testing.assert_allclose(
             scores, reference_qwen3_rerank(qwen3_reranker_folder, "ranking", TEXTS), atol=2e-2
         )
-
-
-def _vectors(reply: embed_service_pb2.EmbedResponse) -> np.ndarray:
-    return np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in reply.embeddings])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -69,7 +65,7 @@ def test_padding_free_bert_on_cuda_matches_sentence_transformers(
             embed_service_pb2.EmbedRequest(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
         )
     expected = reference_bert_embed(bert_embedder_folder, texts).numpy()
-    assert np.all(np.sum(_vectors(reply) * expected, axis=1) > 0.99)
+    assert np.all(np.sum(bytes_vectors(reply) * expected, axis=1) > 0.99)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -100,14 +96,14 @@ def test_a_batch_of_unequal_lengths_on_cuda_equals_each_text_alone(
     texts = [" ".join(["ranking"] * n) for n in (1, 2, 5, 40, 3, 200, 7, 90)]
     request = embed_service_pb2.EmbedRequest
     with serving(model=qwen3_embedding_folder, device="cuda", dtype=dtype) as server:
-        together = _vectors(
+        together = bytes_vectors(
             server.stubs.embed.Embed(
                 request(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
             )
         )
         alone = np.concatenate(
             [
-                _vectors(
+                bytes_vectors(
                     server.stubs.embed.Embed(
                         request(inputs=[text], encoding=common_pb2.ENCODING_FLOAT32_BYTES)
                     )
@@ -138,7 +134,7 @@ def test_cuda_graphs_serve_what_the_eager_forward_serves(
             calls = [texts, *([text] for text in texts)]
             vectors = np.concatenate(
                 [
-                    _vectors(
+                    bytes_vectors(
                         server.stubs.embed.Embed(
                             request(inputs=inputs, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
                         )

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from harness import InProcessServer, serving
+from harness import InProcessServer, bytes_vectors, serving
 from support.qwen3 import (
     DEFAULT_INSTRUCTION,
     reference_cross_encoder,
@@ -39,7 +39,7 @@ def embed(server: InProcessServer, texts: list[str], **options: Any) -> np.ndarr
     )
     response = server.stubs.embed.Embed(request, timeout=60)
     assert len(response.embeddings) == len(texts)
-    return np.stack([np.frombuffer(e.float32_bytes, dtype="<f4") for e in response.embeddings])
+    return bytes_vectors(response)
 
 
 def rerank_scores(

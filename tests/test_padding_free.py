@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from harness import InProcessServer, serving
+from harness import InProcessServer, bytes_vectors, serving
 from support.bert import reference_bert_embed, tiny_bert
 from transformers import RobertaConfig, RobertaModel
 
@@ -139,9 +138,7 @@ def test_the_offline_bert_stand_in_serves_what_sentence_transformers_computes(
         reply = server.stubs.embed.Embed(
             embed_service_pb2.EmbedRequest(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
         )
-    served = torch.from_numpy(
-        np.stack([np.frombuffer(e.float32_bytes, "<f4") for e in reply.embeddings])
-    )
+    served = torch.from_numpy(bytes_vectors(reply))
     torch.testing.assert_close(
         served, reference_bert_embed(bert_embedder_folder, texts), atol=1e-5, rtol=1e-4
     )
