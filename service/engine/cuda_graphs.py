@@ -24,7 +24,8 @@ import torch
 
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# Past this many tokens a batch's arithmetic outweighs its dispatch: it runs eagerly.
+# The --cuda-graph-tokens the docs and bench/gpu_check.sh use: past about this many tokens a
+# batch's arithmetic outweighs its dispatch, and it may as well run eagerly.
 DEFAULT_MAX_TOKENS = 8192
 # A shape may hold this many times the tokens of the batch padded to its own width...
 MAX_PADDING_RATIO = 1.5
@@ -32,7 +33,7 @@ MAX_PADDING_RATIO = 1.5
 SMALL_TOKENS = 2048
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Shape:
     rows: int
     width: int

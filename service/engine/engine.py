@@ -393,13 +393,12 @@ class Engine:
         for batch, placement in zip(batches, placements, strict=True):
             self._batch_counter += 1
             padded = len(batch) * self._runner.padded_width([s.length for s in batch])
-            threads = placement.threads
-            span = self.telemetry.batch_started(batch, padded, threads)
+            span = self.telemetry.batch_started(batch, padded, placement.threads)
             ids = [seq.ids for seq in batch]
             running = _RunningBatch(
                 self._batch_counter, batch, padded, loop.time(), placement, parallel, span
             )
-            outputs = self.workers.run(placement, self._timed_forward, ids, threads)
+            outputs = self.workers.run(placement, self._timed_forward, ids, placement.threads)
             outputs.add_done_callback(functools.partial(self._forward_done, running))
 
     def _batches_worth_starting(self) -> int:
