@@ -152,13 +152,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ceiling(
-    folder: Path, texts: list[str], seconds: float, device: str, dtype: str
-) -> dict[str, Any]:
-    """The model alone: best tokens/s over batch shapes within the token budget, and the
-    median batch-1 forward (a single call's floor)."""
+def load_model(folder: Path, device: str, dtype: str) -> tuple[Any, Any, int]:
+    """The checkpoint as transformers' Qwen3Model (SDPA, eval mode) on ``device``, its
+    tokenizer with padding off, and the pad id."""
     import torch
-    import torch.nn.functional as F  # noqa: N812
     from tokenizers import Tokenizer
     from transformers import AutoModel
 
@@ -168,23 +165,50 @@ def ceiling(
     model.eval()
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.no_padding()
+    return model, tok, tok.token_to_id("<|endoftext|>") or 0
+
+
+def right_padded(seqs: list[list[int]], pad: int, width: int = 0) -> tuple[Any, Any]:
+    """Host tensors (ids, mask) of ``seqs`` right-padded to ``width`` (0: the longest, rounded
+    up to a multiple of 8, as the server does on CUDA); longer sequences are cut."""
+    import torch
+
+    width = width or -(-max(len(s) for s in seqs) // 8) * 8
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        kept = s[:width]
+        ids[row, : len(kept)] = torch.tensor(kept)
+        mask[row, : len(kept)] = 1
+    return ids, mask
+
+
+def embed(model: Any, ids: Any, mask: Any) -> Any:
+    """Qwen3-Embedding's recipe on the device: last-token pooling, then normalization."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = hidden[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]
+    return F.normalize(pooled.float(), dim=1)
+
+
+def ceiling(
+    folder: Path, texts: list[str], seconds: float, device: str, dtype: str
+) -> dict[str, Any]:
+    """The model alone: best tokens/s over batch shapes within the token budget, and the
+    median batch-1 forward (a single call's floor)."""
+    import torch
+
+    model, tok, pad = load_model(folder, device, dtype)
     seqs = sorted((e.ids for e in tok.encode_batch(texts)), key=len)
-    pad = tok.token_to_id("<|endoftext|>") or 0
 
     def step(ids: torch.Tensor, mask: torch.Tensor) -> Any:
         with torch.inference_mode():
-            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = mask.sum(1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-            return F.normalize(pooled.float(), dim=1).cpu()
+            return embed(model, ids, mask).cpu()
 
     def padded(chunk: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        width = -(-max(len(s) for s in chunk) // 8) * 8
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, s in enumerate(chunk):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
+        ids, mask = right_padded(chunk, pad)
         return ids.to(device), mask.to(device), sum(len(s) for s in chunk)
 
     # Batch 1, the median text: host tensors in, the normalized vector back on the host,

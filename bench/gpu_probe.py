@@ -23,6 +23,7 @@ Results: probe.json, and profile summaries beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -35,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.gpu import MAX_BATCH_TOKENS, build_checkpoint, make_texts
+from bench.gpu import (
+    MAX_BATCH_TOKENS,
+    build_checkpoint,
+    embed,
+    load_model,
+    make_texts,
+    right_padded,
+)
 from bench.loadgen import LoadSpec, run_load
 from bench.profile import record, summarise
 
@@ -58,32 +66,17 @@ def _median_ms(run: Callable[[], Any], repeats: int = 30, warmups: int = 3) -> f
 
 def forward_probe(folder: Path, texts: list[str], device: str, dtype: str) -> dict[str, float]:
     import torch
-    import torch.nn.functional as F  # noqa: N812
-    from tokenizers import Tokenizer
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(
-        str(folder), dtype=getattr(torch, dtype), attn_implementation="sdpa", local_files_only=True
-    ).to(device)
-    model.eval()
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.no_padding()
+    model, tok, pad = load_model(folder, device, dtype)
     seqs = [e.ids for e in tok.encode_batch(texts[:64])]
 
     def forward(batch: list[list[int]]) -> Any:
-        width = -(-max(len(s) for s in batch) // 8) * 8
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, s in enumerate(batch):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
+        ids, mask = right_padded(batch, pad)
         with torch.inference_mode():
             if device == "cuda":
                 ids = ids.pin_memory().to(device, non_blocking=True)
                 mask = mask.pin_memory().to(device, non_blocking=True)
-            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            pooled = hidden[torch.arange(len(batch), device=device), mask.sum(1) - 1]
-            return F.normalize(pooled.float(), dim=1).cpu()
+            return embed(model, ids, mask).cpu()
 
     one = [seqs[0]]
     pool = ThreadPoolExecutor(1)
@@ -260,35 +253,20 @@ def graph_probe(folder: Path, texts: list[str]) -> dict[str, Any]:
     captures into a CUDA graph, whether a replay on other inputs (another padding pattern
     than the captured one) matches eager, and what a replay costs against eager."""
     import torch
-    import torch.nn.functional as F  # noqa: N812
-    from tokenizers import Tokenizer
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(
-        str(folder), dtype=torch.float16, attn_implementation="sdpa", local_files_only=True
-    ).to("cuda")
-    model.eval()
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tok.no_padding()
+    model, tok, pad = load_model(folder, "cuda", "float16")
     seqs = [e.ids for e in tok.encode_batch(texts[:256])]
 
-    def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]
-        return F.normalize(pooled.float(), dim=1)
-
     def tensors(batch: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, s in enumerate(batch):
-            ids[row, : len(s)] = torch.tensor(s[:width])
-            mask[row, : min(len(s), width)] = 1
+        ids, mask = right_padded(batch, pad, width)
         return ids.cuda(), mask.cuda()
 
     out: dict[str, Any] = {}
     for rows in (1, 64):
         try:
-            out[f"batch{rows}"] = _graph_case(step, tensors, seqs[:rows], seqs[rows : 2 * rows])
+            out[f"batch{rows}"] = _graph_case(
+                functools.partial(embed, model), tensors, seqs[:rows], seqs[rows : 2 * rows]
+            )
         except Exception as exc:  # the probe reports whatever capture raises
             out[f"batch{rows}"] = {
                 "captured": False,
