@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import bytes_vectors, serving
-from support.bert import reference_bert_embed, tiny_bert
+from harness import serving
+from support.bert import reference_bert_embed, right_padded, tiny_bert
 from support.qwen3 import reference_qwen3_embed, reference_qwen3_rerank
+from test_model_recipes import embed, rerank_scores
 
 from embedserve.service.models.packed_bert import PackedBertEncoder
-from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2, rerank_service_pb2
+from embedserve.v1 import info_service_pb2
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,19 +35,11 @@ def test_half_precision_on_cuda_matches_float32_reference(
     ) as server:
         info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest())
         assert all(m.device.startswith("cuda") and m.dtype == dtype for m in info.models)
-        reply = server.stubs.embed.Embed(
-            embed_service_pb2.EmbedRequest(inputs=TEXTS, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
-        )
-        served = bytes_vectors(reply)
+        served = embed(server, TEXTS)
         expected = reference_qwen3_embed(qwen3_embedding_folder, TEXTS)
         cosine = np.sum(served * expected, axis=1)
         assert np.all(cosine > 0.99)
-        ranked = server.stubs.rerank.Rerank(
-            rerank_service_pb2.RerankRequest(query="ranking", documents=TEXTS)
-        )
-        scores = np.zeros(len(TEXTS))
-        for result in ranked.results:
-            scores[result.index] = result.score
+        scores = rerank_scores(server, "ranking", TEXTS)
         np.testing.assert_allclose(
             scores, reference_qwen3_rerank(qwen3_reranker_folder, "ranking", TEXTS), atol=2e-2
         )
@@ -61,23 +54,16 @@ def test_padding_free_bert_on_cuda_matches_sentence_transformers(
         info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest())
         (embedder,) = [m for m in info.models if m.kind == info_service_pb2.MODEL_KIND_EMBEDDING]
         assert embedder.padding_free and embedder.device.startswith("cuda")
-        reply = server.stubs.embed.Embed(
-            embed_service_pb2.EmbedRequest(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
-        )
+        served = embed(server, texts)
     expected = reference_bert_embed(bert_embedder_folder, texts).numpy()
-    assert np.all(np.sum(bytes_vectors(reply) * expected, axis=1) > 0.99)
+    assert np.all(np.sum(served * expected, axis=1) > 0.99)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_packed_bert_encoder_on_cuda_matches_the_padded_model(dtype: torch.dtype) -> None:
     model = tiny_bert(seed=0, vocab_size=500, hidden_size=128, max_position_embeddings=128)
     model = model.to("cuda", dtype)
-    lengths = [3, 100, 17, 1, 64]
-    ids = torch.zeros((len(lengths), max(lengths)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(1, model.config.vocab_size, (length,))
-        mask[row, :length] = 1
+    ids, mask = right_padded([3, 100, 17, 1, 64], model.config.vocab_size, seed=0)
     ids, mask = ids.cuda(), mask.cuda()
     with torch.inference_mode():
         padded = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
@@ -94,23 +80,9 @@ def test_a_batch_of_unequal_lengths_on_cuda_equals_each_text_alone(
     """Padding in half precision (SDPA masks, the last-token gather): a short text batched
     beside long ones must embed as it does alone."""
     texts = [" ".join(["ranking"] * n) for n in (1, 2, 5, 40, 3, 200, 7, 90)]
-    request = embed_service_pb2.EmbedRequest
     with serving(model=qwen3_embedding_folder, device="cuda", dtype=dtype) as server:
-        together = bytes_vectors(
-            server.stubs.embed.Embed(
-                request(inputs=texts, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
-            )
-        )
-        alone = np.concatenate(
-            [
-                bytes_vectors(
-                    server.stubs.embed.Embed(
-                        request(inputs=[text], encoding=common_pb2.ENCODING_FLOAT32_BYTES)
-                    )
-                )
-                for text in texts
-            ]
-        )
+        together = embed(server, texts)
+        alone = np.concatenate([embed(server, [text]) for text in texts])
     assert np.all(np.isfinite(together))
     assert np.all(np.sum(together * alone, axis=1) > 0.995)
 
@@ -120,7 +92,6 @@ def test_cuda_graphs_serve_what_the_eager_forward_serves(
     dtype: str, qwen3_embedding_folder: Path, qwen3_reranker_folder: Path
 ) -> None:
     texts = [" ".join(["ranking"] * n) for n in (1, 2, 5, 40, 3, 200, 7, 90)]
-    request = embed_service_pb2.EmbedRequest
     served: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for tokens in (0, 8192):
         with serving(
@@ -132,22 +103,8 @@ def test_cuda_graphs_serve_what_the_eager_forward_serves(
         ) as server:
             # One call of every text, then each text alone: two shapes of batch.
             calls = [texts, *([text] for text in texts)]
-            vectors = np.concatenate(
-                [
-                    bytes_vectors(
-                        server.stubs.embed.Embed(
-                            request(inputs=inputs, encoding=common_pb2.ENCODING_FLOAT32_BYTES)
-                        )
-                    )
-                    for inputs in calls
-                ]
-            )
-            ranked = server.stubs.rerank.Rerank(
-                rerank_service_pb2.RerankRequest(query="ranking", documents=texts)
-            )
-            scores = np.zeros(len(texts))
-            for result in ranked.results:
-                scores[result.index] = result.score
+            vectors = np.concatenate([embed(server, inputs) for inputs in calls])
+            scores = rerank_scores(server, "ranking", texts)
             replays = sum(engine.cuda_graph_replays for engine in server.registry.engines())
             assert (replays > 0) == bool(tokens)
             served[tokens] = (vectors, scores)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness import InProcessServer, bytes_vectors, serving
-from support.bert import reference_bert_embed, tiny_bert
+from support.bert import reference_bert_embed, right_padded, tiny_bert
 from transformers import RobertaConfig, RobertaModel
 
 from embedserve.service.engine.runner import BatchRunner
@@ -19,17 +19,6 @@ from embedserve.service.models.tokenization import Truncation
 from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32)
-
-
-def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros((len(lengths), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(1, vocab, (length,), generator=generator)
-        mask[row, :length] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,18 @@ def tiny_bert(seed: int, **overrides: Any) -> Any:
     return BertModel(BertConfig(**{**fields, **overrides})).eval()  # type: ignore[no-untyped-call]
 
 
+def right_padded(lengths: list[int], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random right-padded batch (ids, mask) with rows of ``lengths`` real tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(1, vocab, (length,), generator=generator)
+        mask[row, :length] = 1
+    return ids, mask
+
+
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
