@@ -38,7 +38,7 @@ OTHER_STREAM_PATHS = (
 )
 UNARY_RETRY_ON = "unavailable,resource-exhausted,reset,connect-failure,refused-stream"
 # Outlier detection ejects a replica after this many gateway failures in a row; a unary call
-# gets one retry more (the route's comment says why).
+# gets as many retries, so one attempt more (the route's comment says why).
 CONSECUTIVE_GATEWAY_FAILURES = 3
 UNARY_RETRIES = CONSECUTIVE_GATEWAY_FAILURES
 # A stream is replayed only when it was refused at open: REFUSED_STREAM, or a Trailers-Only
@@ -399,7 +399,7 @@ def _routes(params: EnvoyParams) -> list[Json]:
             "grpc_timeout_header_max": _duration(params.unary_timeout_s),
             "grpc_timeout_header_offset": _duration(params.grpc_timeout_offset_ms / 1000.0),
         },
-        # Three retries, one more than the outlier detector's consecutive failures: least-
+        # Three retries: four attempts, one more than the detector's consecutive failures: least-
         # request picks the host with the fewest calls, and a replica that just died has
         # none, so previous_hosts cannot steer a retry away from it (its reselection gets
         # the same host). A call's first three attempts could all meet the dead replica; the
