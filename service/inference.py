@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from embedserve.service.cache.front import EmbeddingCache
 
 
+# Tokenization jobs of more texts always go to the tokenizer thread (tokenizer_pool.py).
+MOST_TEXTS_INLINE = 4
+
+
 @dataclass(frozen=True)
 class Scheduling:
     """Where the work goes in the queue and until when it is worth computing."""
@@ -54,14 +58,23 @@ async def _tokenize(
     scheduling: Scheduling,
     inputs: int,
     job: Callable[[], list[TokenizedInput]],
+    chars: int | None,
 ) -> tuple[list[TokenizedInput], float]:
     """Admission first, to shed load before spending CPU on it; then ``job`` on the
-    tokenizer thread, in a span."""
+    tokenizer thread (or the loop, when ``chars`` says it is small), in a span."""
     engine.check_admission(scheduling.lane)
     with engine.telemetry.span(
         "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": inputs}
     ):
-        return await engine.tokenize(job)
+        return await engine.tokenize(job, chars)
+
+
+def _text_chars(prefix: str, texts: Sequence[str]) -> int | None:
+    """The characters a tokenization job reads (each text with its prefix), or None for a
+    job of many texts, which never runs on the event loop and is not worth counting."""
+    if len(texts) > MOST_TEXTS_INLINE:
+        return None
+    return sum(len(prefix) + len(text) for text in texts)
 
 
 async def _run(
@@ -110,6 +123,7 @@ class EmbeddingModel:
             scheduling,
             len(texts),
             lambda: self.adapter.tokenize(texts, prefix, truncation),
+            _text_chars(prefix, texts),
         )
         return await _run(self.engine, tokenized, seconds, scheduling)
 
@@ -146,6 +160,7 @@ class EmbeddingModel:
                     scheduling,
                     len(todo),
                     lambda: self.adapter.tokenize(todo, prefix, truncation),
+                    _text_chars(prefix, todo),
                 )
             except InputTooLongError as exc:
                 if exc.index is None:
@@ -229,6 +244,7 @@ class ModelReranker(Reranker):
             scheduling,
             len(documents),
             lambda: self.adapter.tokenize_pairs(query, documents, chosen, truncation),
+            _text_chars(chosen + query, documents),
         )
         return await _run(self.engine, tokenized, seconds, scheduling)
 

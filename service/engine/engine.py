@@ -147,6 +147,11 @@ class Engine:
         self.state = EngineState.READY
 
     @property
+    def inline_tokenizations(self) -> int:
+        """Tokenization jobs small enough to run on the event loop so far."""
+        return self._tokenizer.inline_jobs
+
+    @property
     def cuda_graph_replays(self) -> int:
         """Batches run from a CUDA graph so far (0 without ``cuda_graph_tokens``)."""
         graphs = self._runner.graphs
@@ -237,8 +242,10 @@ class Engine:
                 f"(limit {max_delay * 1000:.0f} ms)"
             )
 
-    async def tokenize(self, job: Callable[[], T]) -> tuple[T, float]:
-        return await self._tokenizer.run(job)
+    async def tokenize(self, job: Callable[[], T], chars: int | None = None) -> tuple[T, float]:
+        """``job`` on the tokenizer thread, or on the loop when ``chars`` says it is small
+        (``tokenizer_pool.py``)."""
+        return await self._tokenizer.run(job, chars)
 
     async def compute(
         self,

@@ -1,0 +1,150 @@
+"""Servers side by side: where one call's time goes at concurrency 1, and unary loads.
+
+    python -m bench.server_ab [--calls 400] [--loads 1,8,64] [--rounds 3]
+                              [--server NAME=PYTHON[:FLAGS]]...
+
+Each server is an ``embedserve serve`` process (the packaged MiniLM, 2 torch threads).
+First, one synchronous client sends one short sentence a call, one call at a time, and each
+answer's ``Timing`` splits the round trip:
+
+- ``forward``: the model's forward pass on the worker (``Timing.inference``);
+- ``server_other``: the rest of the server's own time (``Timing.total`` less the forward),
+  of which ``tokenization`` and ``queue`` are in ``Timing`` too, and ``rest`` is the hops
+  between threads, the handler's own work and the encoding of the answer;
+- ``transport``: the round trip less ``Timing.total``: gRPC on both sides and the client.
+
+``--server NAME=PYTHON[:FLAGS]`` names a server by the interpreter that runs it, so that
+another checkout's ``.venv/bin/python`` (with its own ``embedserve``) can be measured
+against this one; FLAGS are extra ``serve`` flags. Then the load generator (``bench.loadgen``,
+closed loop, one short sentence a call) runs each of ``--loads`` callers for ``--duration``
+seconds: requests/s, p50 and p99. Rounds are interleaved: each round runs every server once,
+in turn. The figures of each round, and the median of the rounds, are printed and written to
+``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import procs
+from bench.loadgen import LoadSpec, run_load
+from bench.texts import short_sentences
+from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
+
+
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds) + float(duration.nanos) / 1e9
+
+
+def measure(address: str, texts: list[str], calls: int) -> dict[str, float]:
+    """Medians (ms) of ``calls`` calls after a warm-up of 50."""
+    channel = grpc.insecure_channel(address)
+    stub = embed_service_pb2_grpc.EmbedServiceStub(channel)
+    rows: list[tuple[float, float, float, float, float]] = []
+    try:
+        for n in range(calls + 50):
+            request = embed_service_pb2.EmbedRequest(inputs=[texts[n % len(texts)]])
+            started = time.perf_counter()
+            reply = stub.Embed(request, timeout=30)
+            round_trip = time.perf_counter() - started
+            if n >= 50:
+                timing = reply.timing
+                rows.append(
+                    (
+                        round_trip,
+                        _seconds(timing.total),
+                        _seconds(timing.inference),
+                        _seconds(timing.tokenization),
+                        _seconds(timing.queue),
+                    )
+                )
+    finally:
+        channel.close()
+
+    def median(values: list[float]) -> float:
+        return round(statistics.median(values) * 1e3, 3)
+
+    return {
+        "round_trip_ms": median([r[0] for r in rows]),
+        "server_total_ms": median([r[1] for r in rows]),
+        "forward_ms": median([r[2] for r in rows]),
+        "server_other_ms": median([r[1] - r[2] for r in rows]),
+        "tokenization_ms": median([r[3] for r in rows]),
+        "queue_ms": median([r[4] for r in rows]),
+        # Neither tokenizing, queued nor computing: the hops between threads, the
+        # handler's own work and the encoding of the answer.
+        "rest_ms": median([r[1] - r[2] - r[3] - r[4] for r in rows]),
+        "transport_ms": median([r[0] - r[1] for r in rows]),
+    }
+
+
+def _parse_server(text: str) -> tuple[str, str, list[str]]:
+    name, _, rest = text.partition("=")
+    python, _, flags = rest.partition(":")
+    return name, python or sys.executable, shlex.split(flags)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--loads", default="1,8,64", help="callers of each closed loop; '' for none"
+    )
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        help="NAME=PYTHON[:FLAGS]; default one server, this checkout's",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/server-ab"))
+    args = parser.parse_args()
+    servers = [_parse_server(s) for s in args.server] or [("this", sys.executable, [])]
+    texts = short_sentences(500)
+    loads = [int(n) for n in args.loads.split(",") if n]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in servers}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for round_index in range(args.rounds):
+        for name, python, flags in servers:
+            command = [python, "-m", "embedserve.service", "serve", "--port", "0"]
+            command += ["--threads", str(args.threads), *flags]
+            server = procs.wait_serving_log(
+                procs._spawn(f"{name}-{round_index}", command, args.out / "logs")
+            )
+            try:
+                assert server.address is not None
+                row = measure(server.address, texts, args.calls)
+                for callers in loads:
+                    spec = LoadSpec(server.address, concurrency=callers, duration=args.duration)
+                    load = run_load(spec, procs=1 if callers < 8 else 2)
+                    row[f"c{callers}_rps"] = round(load["rps"], 1)
+                    row[f"c{callers}_p50_ms"] = round(load["latency_ms"]["p50"], 2)
+                    row[f"c{callers}_p99_ms"] = round(load["latency_ms"]["p99"], 2)
+            finally:
+                server.stop()
+            results[name].append(row)
+            print(name, round_index, row, flush=True)
+    summary = {
+        name: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+        for name, rows in results.items()
+    }
+    for name, row in summary.items():
+        print("median of rounds", name, row)
+    (args.out / "server-ab.json").write_text(
+        json.dumps({"rounds": results, "median": summary}, indent=1) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
