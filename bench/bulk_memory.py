@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 from pathlib import Path
 from typing import Any
@@ -64,14 +63,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
-    configs = [c.split("=", 1) for c in (options.config or DEFAULT_CONFIGS)]
+    configs = [procs.named_flags(c) for c in (options.config or DEFAULT_CONFIGS)]
     log_dir = Path(options.out or "bench/results/bulk-memory").with_suffix("") / "logs"
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
     for round_index in range(options.rounds):
         for name, args in configs:
-            run = one_run(
-                f"{name}-{round_index}", shlex.split(args), options.texts, options.threads, log_dir
-            )
+            run = one_run(f"{name}-{round_index}", args, options.texts, options.threads, log_dir)
             runs[name].append(run)
             summary = {k: v for k, v in run.items() if k != "rss_samples"}
             print(json.dumps({"config": name, "round": round_index, **summary}), flush=True)

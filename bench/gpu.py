@@ -31,7 +31,6 @@ import asyncio
 import datetime
 import json
 import random
-import shlex
 import shutil
 import sys
 import tempfile
@@ -270,12 +269,7 @@ def _progress(message: str, started: float) -> None:
 
 def parse_variants(text: str) -> dict[str, list[str]]:
     """``NAME=ARGS;NAME=ARGS``: server variants, each the extra flags of its server."""
-    variants = {}
-    for part in text.split(";"):
-        if part.strip():
-            name, _, flags = part.partition("=")
-            variants[name.strip()] = shlex.split(flags)
-    return variants
+    return dict(procs.named_flags(part) for part in text.split(";") if part.strip())
 
 
 LOADS = {"unary_c1": (1, 1), "unary_c64": (64, 1), "unary_c256": (256, 1), "many32_c16": (16, 32)}

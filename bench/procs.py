@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,6 +29,13 @@ from bench.loadgen import LoadSpec, run_load
 ROOT = Path(__file__).resolve().parent.parent
 INFINITY_VENV = ROOT / "bench" / ".venv-infinity"
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def named_flags(text: str) -> tuple[str, list[str]]:
+    """``NAME=FLAGS``, the way every bench script names a server configuration: the name
+    and the extra command-line flags of its server (shell-quoted)."""
+    name, _, flags = text.partition("=")
+    return name.strip(), shlex.split(flags)
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """Servers side by side: where one call's time goes at concurrency 1, and unary loads.
 
     python -m bench.server_ab [--calls 400] [--loads 1,8,64] [--rounds 3]
-                              [--server NAME=PYTHON[:FLAGS]]...
+                              [--server NAME=FLAGS]... [--python NAME=INTERPRETER]...
 
 Each server is an ``embedserve serve`` process (the packaged MiniLM, 2 torch threads).
 First, one synchronous client sends one short sentence a call, one call at a time, and each
@@ -13,20 +13,20 @@ answer's ``Timing`` splits the round trip:
   between threads, the handler's own work and the encoding of the answer;
 - ``transport``: the round trip less ``Timing.total``: gRPC on both sides and the client.
 
-``--server NAME=PYTHON[:FLAGS]`` names a server by the interpreter that runs it, so that
-another checkout's ``.venv/bin/python`` (with its own ``embedserve``) can be measured
-against this one; FLAGS are extra ``serve`` flags. Then the load generator (``bench.loadgen``,
-closed loop, one short sentence a call) runs each of ``--loads`` callers for ``--duration``
-seconds: requests/s, p50 and p99. Rounds are interleaved: each round runs every server once,
-in turn. The figures of each round, and the median of the rounds, are printed and written to
-``--out`` as JSON.
+``--server NAME=FLAGS`` names a server and its extra ``serve`` flags; ``--python
+NAME=INTERPRETER`` runs that server on another interpreter, so that another checkout's
+``.venv/bin/python`` (with its own ``embedserve``) can be measured against this one.
+
+Then the load generator (``bench.loadgen``, closed loop, one short sentence a call) runs
+each of ``--loads`` callers for ``--duration`` seconds: requests/s, p50 and p99. Rounds
+are interleaved: each round runs every server once, in turn. The figures of each round, and
+the median of the rounds, are printed and written to ``--out`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -87,12 +87,6 @@ def measure(address: str, texts: list[str], calls: int) -> dict[str, float]:
     }
 
 
-def _parse_server(text: str) -> tuple[str, str, list[str]]:
-    name, _, rest = text.partition("=")
-    python, _, flags = rest.partition(":")
-    return name, python or sys.executable, shlex.split(flags)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400)
@@ -106,17 +100,25 @@ def main() -> None:
         "--server",
         action="append",
         default=[],
-        help="NAME=PYTHON[:FLAGS]; default one server, this checkout's",
+        help="NAME=FLAGS: a server and its extra flags (repeatable); default one, 'this='",
+    )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        help="NAME=INTERPRETER: run server NAME on another interpreter (repeatable)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/server-ab"))
     args = parser.parse_args()
-    servers = [_parse_server(s) for s in args.server] or [("this", sys.executable, [])]
+    interpreters = dict(text.split("=", 1) for text in args.python)
+    servers = [procs.named_flags(text) for text in args.server or ["this="]]
     texts = short_sentences(500)
     loads = [int(n) for n in args.loads.split(",") if n]
-    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in servers}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in servers}
     args.out.mkdir(parents=True, exist_ok=True)
     for round_index in range(args.rounds):
-        for name, python, flags in servers:
+        for name, flags in servers:
+            python = interpreters.get(name, sys.executable)
             command = [python, "-m", "embedserve.service", "serve", "--port", "0"]
             command += ["--threads", str(args.threads), *flags]
             server = procs.wait_serving_log(

@@ -48,7 +48,9 @@ from embedserve.envoy.render import (
 )
 from embedserve.service import faults
 from embedserve.service.api import errors as api_errors
+from embedserve.service.api.in_flight import default_limit
 from embedserve.service.engine.errors import Overloaded
+from embedserve.service.engine.limits import BatchLimits
 from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -457,9 +459,17 @@ def test_kubernetes_manifests_agree_with_each_other() -> None:
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = docs[("HorizontalPodAutoscaler", "embedserve")]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "embedserve"
-    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Resource"]["resource"]["name"] == "cpu"
-    assert metrics["Pods"]["pods"]["metric"]["name"] == "embedserve_queue_tokens"
+    metrics = hpa["spec"]["metrics"]
+    # Not on CPU: spinning OpenMP threads make a lightly loaded CPU pod look busy.
+    assert all(m["type"] == "Pods" for m in metrics)
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"] for m in metrics}
+    assert set(targets) == {"embedserve_calls_in_flight", "embedserve_queue_tokens"}
+    threads = int(next(e["value"] for e in container["env"] if e["name"] == "EMBEDSERVE_THREADS"))
+    # The HPA scales out well before the pod starts refusing calls at its in-flight limit.
+    limit = default_limit(on_cuda=False, cpu_threads=threads)
+    assert 0 < int(targets["embedserve_calls_in_flight"]) <= limit // 2
+    # ... and before interactive calls are refused for the queue's size.
+    assert 0 < int(targets["embedserve_queue_tokens"]) <= BatchLimits().max_queue_tokens // 2
     assert hpa["spec"]["minReplicas"] >= 2
 
     envoy = docs[("Deployment", "embedserve-envoy")]
