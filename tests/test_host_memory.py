@@ -57,6 +57,30 @@ def test_once_the_headroom_is_known_it_trims_only_past_it() -> None:
     assert not trimmer.due()
 
 
+def test_the_event_loop_side_reads_only_the_clock_and_the_worker_side_the_resident_set() -> None:
+    fake = CountingTrim()
+    reads: list[int] = []
+    rss = [500]
+
+    def read_rss() -> int:
+        reads.append(rss[0])
+        return rss[0]
+
+    trimmer = HostMemoryTrimmer(0.0001, fake, rss=read_rss)
+    trimmer.learn_headroom(before=400, peak=600)
+    assert trimmer.interval_elapsed()
+    assert reads == []  # a system call on the loop waits for the GIL behind the workers
+    assert trimmer.trim_if_due() and fake.calls == [0]
+    rss[0] = trimmer.floor + 150
+    time.sleep(0.001)
+    assert trimmer.interval_elapsed()
+    reads.clear()
+    assert not trimmer.trim_if_due()  # within the headroom
+    assert reads == [rss[0]] and fake.calls == [0]
+    rss[0] = trimmer.floor + 201
+    assert trimmer.trim_if_due() and fake.calls == [0, 0]
+
+
 def test_an_unknown_or_empty_measurement_leaves_the_interval_alone() -> None:
     trimmer = HostMemoryTrimmer(3600, CountingTrim(), rss=lambda: 10**9)
     trimmer.learn_headroom(before=None, peak=600)
@@ -115,7 +139,15 @@ def test_the_trim_runs_on_the_worker_after_the_batch_not_before_its_result() -> 
 async def _trim_after_a_batch() -> None:
     hold = threading.Event()
     fake = CountingTrim(hold)
-    workers = ForwardWorkers("t", 1, cpu_threads=1, host_memory=HostMemoryTrimmer(3600, fake))
+    read_on: list[int] = []
+
+    def read_rss() -> int:
+        read_on.append(threading.get_native_id())
+        return 10**9
+
+    trimmer = HostMemoryTrimmer(3600, fake, rss=read_rss)
+    trimmer.learn_headroom(before=1, peak=2)
+    workers = ForwardWorkers("t", 1, cpu_threads=1, host_memory=trimmer)
     try:
         (placement,) = workers.place(1)
         batch_thread = await workers.run(placement, threading.get_native_id)
@@ -127,6 +159,7 @@ async def _trim_after_a_batch() -> None:
         (placement,) = workers.place(1)
         await workers.run(placement, lambda: None)  # runs after the trim, on the same thread
         assert fake.threads == [batch_thread]
+        assert read_on and set(read_on) == {batch_thread}  # never on the event loop
         workers.release(placement)
     finally:
         hold.set()

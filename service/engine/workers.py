@@ -122,10 +122,11 @@ class ForwardWorkers:
         loop = asyncio.get_running_loop()
         executor = self._executors[placement.worker]
         future = loop.run_in_executor(executor, job, *args)
-        if self.host_memory is not None and self.host_memory.due():
+        if self.host_memory is not None and self.host_memory.interval_elapsed():
             # Queued behind the job on the same thread: the job's result does not wait for
-            # it, and a batch placed on this worker next starts after it.
-            executor.submit(self.host_memory.trim)
+            # it, and a batch placed on this worker next starts after it. The resident set
+            # is read there too, off the event loop.
+            executor.submit(self.host_memory.trim_if_due)
         return future
 
     def native_ids(self) -> list[int]:
