@@ -227,8 +227,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_queue_delay_ms",
-        "Longest expected queue wait an interactive call is admitted into, at the "
-        "throughput measured on full batches; past it, RESOURCE_EXHAUSTED at once. 0: off.",
+        "Longest expected queue wait an interactive call is admitted into (the work ahead "
+        "of it, at the throughput measured on full batches); past it, RESOURCE_EXHAUSTED at "
+        "once. A call whose own work is longer than a third of this may wait 3 times its own "
+        "work, so that a few concurrent large calls (reranks of 100 documents) queue instead "
+        "of being refused. 0: off.",
         _non_negative_int,
     ),
     Option(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +37,10 @@ class Scheduling:
     # Spans for tokenization and queueing; off for stream items, which are aggregated
     # on their stream's span instead of making a span each.
     detailed_trace: bool = True
+    # The call this work belongs to is admitted on its other work, so only the queue's
+    # token bound applies to this part: the query of a similarity rerank rides on its
+    # documents, which may wait longer than a lone query would be let.
+    rides_on_call: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ async def _tokenize(
 ) -> tuple[list[TokenizedInput], float]:
     """Admission first, to shed load before spending CPU on it; then ``job`` on the
     tokenizer thread (or the loop, when ``chars`` says it is small), in a span."""
-    engine.check_admission(scheduling.lane)
+    if not scheduling.rides_on_call:
+        engine.shed_early(scheduling.lane, inputs)
     with engine.telemetry.span(
         "tokenize", scheduling.detailed_trace, **{"embedserve.inputs": inputs}
     ):
@@ -82,7 +87,11 @@ async def _run(
 ) -> Outcome:
     ids = [t.ids for t in tokenized]
     result = await engine.compute(
-        ids, scheduling.lane, scheduling.deadline, detailed_trace=scheduling.detailed_trace
+        ids,
+        scheduling.lane,
+        scheduling.deadline,
+        detailed_trace=scheduling.detailed_trace,
+        delay_bound=not scheduling.rides_on_call,
     )
     return Outcome(
         values=result.outputs,
@@ -279,7 +288,8 @@ class SimilarityReranker(Reranker):
         scheduling: Scheduling,
     ) -> Outcome:
         chosen = self.default_instruction if instruction is None else instruction
-        query_task = asyncio.ensure_future(self._embed_query(query, chosen, truncation, scheduling))
+        riding = replace(scheduling, rides_on_call=True)
+        query_task = asyncio.ensure_future(self._embed_query(query, chosen, truncation, riding))
         docs_task = asyncio.ensure_future(
             self.embedder.embed(documents, None, truncation, scheduling)
         )

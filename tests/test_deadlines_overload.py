@@ -24,7 +24,7 @@ from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.errors import DeadlineExpired
 from embedserve.service.engine.stats import EngineStats
 from embedserve.service.engine.work import Lane
-from embedserve.v1 import common_pb2, embed_service_pb2
+from embedserve.v1 import common_pb2, embed_service_pb2, rerank_service_pb2
 
 MAX_INPUT_TOKENS = 64
 MAX_BATCH_TOKENS = 512
@@ -367,6 +367,68 @@ def test_calls_past_the_expected_wait_are_refused_at_once(qwen3_embedding_folder
             assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
             assert queued(server, Lane.INTERACTIVE)[0] == 4  # nothing of it was queued
         assert len(first.result(timeout=60).embeddings) == 4
+
+
+@contextmanager
+def slow_drain_server(folder: Path) -> Iterator[InProcessServer]:
+    """A 100 ms wait budget, batches of 4 and a drain rate of 1,000 tokens/s, set by hand:
+    the engine is held while it matters, so no batch runs to change it."""
+    with serving(
+        model=folder,
+        warmup=False,
+        max_input_tokens=MAX_INPUT_TOKENS,
+        max_queue_delay_ms=100,
+        max_batch_size=4,
+    ) as server:
+        engine = engine_of(server)
+        server.call(lambda: setattr(engine.drain_rate, "tokens_per_s", 1000.0))
+        yield server
+
+
+def test_a_large_call_may_wait_three_times_its_own_work(qwen3_embedding_folder: Path) -> None:
+    # A call of 4 x 64 tokens is 256 ms of work, so it may wait 768 ms: it is admitted behind
+    # 256, 512 and 768 ms of work, where counting its own work against 100 ms refused it. A
+    # small call keeps (about) the 100 ms bound, and a large one behind more than 768 ms is
+    # refused.
+    with slow_drain_server(qwen3_embedding_folder) as server:
+        large = embed_request([LONG_TEXT] * 4)
+        with held(server):
+            admitted = []
+            for queued_calls in range(1, 5):
+                call = server.stubs.embed.Embed.future(large, timeout=60)
+                wait_until(settled(server, call, 4 * queued_calls), what="a large call queued")
+                assert not call.done(), call.exception()
+                admitted.append(call)
+            assert queued(server, Lane.INTERACTIVE) == (16, 1024)
+            # Refused before tokenizing: at its largest (64 tokens) it could wait 192 ms.
+            small = rejection_of(server.stubs.embed.Embed.future(embed_request(["yes"])))
+            assert "is 1024 ms of work (limit 192 ms)" in (small.details() or "")
+            refused = rejection_of(server.stubs.embed.Embed.future(large, timeout=60))
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "is 1024 ms of work (limit 768 ms)" in (refused.details() or "")
+        assert all(len(c.result(timeout=60).embeddings) == 4 for c in admitted)
+
+
+def test_a_similarity_reranks_query_rides_on_its_documents_admission(
+    qwen3_embedding_folder: Path,
+) -> None:
+    # The setup above, with 256 ms of work queued. A lone query (a few tokens) may wait
+    # 100 ms and is refused; the same query as part of a rerank of 4 x 64 tokens of
+    # documents, which may wait 768 ms, is admitted with them.
+    with slow_drain_server(qwen3_embedding_folder) as server:
+        with held(server):
+            ahead = server.stubs.embed.Embed.future(embed_request([LONG_TEXT] * 4), timeout=60)
+            wait_until(settled(server, ahead, 4), what="work to be queued")
+            lone = rejection_of(server.stubs.embed.Embed.future(embed_request(["a query"])))
+            assert lone.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            rerank = server.stubs.rerank.Rerank.future(
+                rerank_service_pb2.RerankRequest(query="a query", documents=[LONG_TEXT] * 4),
+                timeout=60,
+            )
+            wait_until(settled(server, rerank, 9), what="the query and its documents queued")
+            assert not rerank.done(), rerank.exception()
+        assert len(rerank.result(timeout=60).results) == 4
+        assert len(ahead.result(timeout=60).embeddings) == 4
 
 
 def test_a_call_that_fits_in_the_next_batch_is_admitted(qwen3_embedding_folder: Path) -> None:
