@@ -30,12 +30,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
 from bench import texts as corpus
 from bench.stats import summary_ms
+from embedserve.client.errors import from_rpc_error
+from embedserve.client.retry import RetryPolicy
 from embedserve.v1 import (
     common_pb2,
     embed_service_pb2,
@@ -83,6 +85,10 @@ class LoadSpec:
     keep_raw: bool = False
     texts_file: str = ""  # a JSON list of texts to use instead of the built-in short ones
     repeat_share: float = 0.5  # workload "repeats"
+    # Closed loop: a refused caller retries as the Python client does (its RetryPolicy:
+    # exponential backoff with full jitter, the RetryInfo delay as a floor, 4 attempts);
+    # False sends its next call at once (the worst case for the server).
+    client_retries: bool = False
 
     def split(self, parts: int) -> list[LoadSpec]:
         """This load shared by ``parts`` processes (callers, rate and seeds divided)."""
@@ -137,7 +143,28 @@ class _Recorder:
 
 
 # -> (code, inputs, tokens, inputs answered from the server's cache)
-Call = Callable[[int], Awaitable[tuple[str, int, int, int]]]
+class Answer(NamedTuple):
+    code: str  # "OK", a gRPC status name, or the HTTP client's own
+    inputs: int = 0
+    tokens: int = 0
+    cached: int = 0
+    retry_after: float = 0.0  # a refusal's google.rpc.RetryInfo delay, in seconds
+
+    @property
+    def counts(self) -> tuple[str, int, int, int]:
+        return self.code, self.inputs, self.tokens, self.cached
+
+
+Call = Callable[[int], Awaitable[Answer]]
+
+
+CLIENT_RETRIES = RetryPolicy()
+RETRIED_CODES = frozenset(code.name for code in CLIENT_RETRIES.retryable_codes)
+
+
+def _retry_delay(exc: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo delay of a refusal, read as the Python client reads it (0 without one)."""
+    return from_rpc_error(exc).retry_after or 0.0
 
 
 # -- request factories ----------------------------------------------------------------------
@@ -210,13 +237,13 @@ def _grpc_calls(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Call]:
         else:
             method = embed_service_pb2_grpc.EmbedServiceStub(channel).Embed
 
-        async def call(n: int, method: Any = method) -> tuple[str, int, int, int]:
+        async def call(n: int, method: Any = method) -> Answer:
             try:
                 response = await method(payloads[n % len(payloads)], timeout=spec.deadline)
             except grpc.aio.AioRpcError as exc:
-                return exc.code().name, 0, 0, 0
+                return Answer(exc.code().name, retry_after=_retry_delay(exc))
             usage = response.usage
-            return "OK", usage.inputs, usage.input_tokens, usage.cached_inputs
+            return Answer("OK", usage.inputs, usage.input_tokens, usage.cached_inputs)
 
         calls.append(call)
     return calls
@@ -274,16 +301,16 @@ def _http_calls(spec: LoadSpec, count: int) -> tuple[list[Call], list[_HttpConne
     calls: list[Call] = []
     for conn in connections:
 
-        async def call(n: int, conn: _HttpConnection = conn) -> tuple[str, int, int, int]:
+        async def call(n: int, conn: _HttpConnection = conn) -> Answer:
             body, tokens = payloads[n % len(payloads)]
             try:
                 status, data = await conn.post("/embeddings", body)
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 conn._writer = None
-                return "CONNECTION_ERROR", 0, 0, 0
+                return Answer("CONNECTION_ERROR")
             if status != 200:
-                return f"HTTP_{status}", 0, 0, 0
-            return "OK", len(json.loads(data)["data"]), tokens, 0
+                return Answer(f"HTTP_{status}")
+            return Answer("OK", len(json.loads(data)["data"]), tokens)
 
         calls.append(call)
     return calls, connections
@@ -298,13 +325,22 @@ async def _closed(spec: LoadSpec, calls: list[Call], rec: _Recorder, end: float)
     async def caller(index: int) -> None:
         call = calls[index % len(calls)]
         n = index
+        attempt = 0
+        rng = random.Random(spec.seed * 7919 + index)
         while True:
             started = loop.time()
             if started >= end:
                 return
-            code, inputs, tokens, cached = await call(n)
+            answer = await call(n)
             rec.sent += 1
-            rec.record(started, loop.time(), code, inputs, tokens, cached)
+            rec.record(started, loop.time(), *answer.counts)
+            if spec.client_retries and answer.code in RETRIED_CODES:
+                attempt += 1
+                if attempt < CLIENT_RETRIES.max_attempts:  # the same call again, later
+                    hint = answer.retry_after or None
+                    await asyncio.sleep(CLIENT_RETRIES.delay(attempt, hint, rng))
+                    continue
+            attempt = 0
             n += spec.concurrency
 
     await asyncio.gather(*(caller(i) for i in range(spec.concurrency)))
@@ -319,8 +355,8 @@ async def _open(spec: LoadSpec, calls: list[Call], rec: _Recorder, end: float) -
     async def one(n: int, arrival: float) -> None:
         if rec.window_start <= arrival <= rec.window_end:
             rec.send_lag.append(loop.time() - arrival)
-        code, inputs, tokens, cached = await calls[n % len(calls)](n)
-        rec.record(arrival, loop.time(), code, inputs, tokens, cached)
+        answer = await calls[n % len(calls)](n)
+        rec.record(arrival, loop.time(), *answer.counts)
 
     arrival = loop.time()
     n = 0
@@ -607,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--procs", type=int, default=1)
     quick.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     quick.add_argument("--http-model", default="")
+    quick.add_argument(
+        "--client-retries", action="store_true", help="retry refusals as the Python client does"
+    )
     args = parser.parse_args(argv)
     if args.command == "load":
         spec = LoadSpec(**json.loads(args.spec))
@@ -629,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline=args.deadline,
         protocol=args.protocol,
         http_model=args.http_model,
+        client_retries=args.client_retries,
     )
     result = run_load(spec, args.procs)
     result.pop("raw_ok_s", None)

@@ -433,6 +433,13 @@ class Suite:
         curve: dict[int, dict[str, Any]] = {}
         for c in (8, 256):
             curve[c] = self.load(f"embedserve c={c}", self.spec(target, concurrency=c), es)
+        # c=256 sends the next call at once after a refusal, the worst case; callers that
+        # retry as the Python client does (backoff, RetryInfo) are what a fleet of it sends.
+        scen["embedserve_c256_client_retries"] = self.load(
+            "embedserve c=256, callers retry as the Python client does",
+            self.spec(target, concurrency=256, client_retries=True),
+            es,
+        )
         if naive is not None:
             for c in (1, 8, 256):
                 scen[f"naive_c{c}"] = self.load(
