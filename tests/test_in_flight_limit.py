@@ -20,7 +20,13 @@ from test_deadlines_overload import embed_request, held, rejection_of
 from test_telemetry import scrape, value
 
 from embedserve.client.errors import OverloadedError, from_rpc_error
-from embedserve.service.api.in_flight import CALLS_PER_CPU_THREAD, default_limit
+from embedserve.service.api.in_flight import (
+    CALLS_PER_CPU_THREAD,
+    RETRY_DELAYS_S,
+    TARGET_REFUSALS_PER_S,
+    RetryPacing,
+    default_limit,
+)
 from embedserve.service.engine.work import Lane
 from embedserve.service.server import torch_threads
 from embedserve.v1 import embed_service_pb2, info_service_pb2, rerank_service_pb2
@@ -132,6 +138,7 @@ def test_a_call_past_the_limit_is_refused_before_the_engine_while_the_rest_is_se
         assert value(series, "embedserve_in_flight_refusals_total") == 2
         assert value(series, "embedserve_calls_in_flight_limit") == 2
         assert value(series, "embedserve_calls_in_flight") == 0
+        assert value(series, "embedserve_in_flight_retry_delay_seconds") == pytest.approx(0.1)
         refusals = value(series, "embedserve_requests_total", code="RESOURCE_EXHAUSTED")
         assert refusals == 2
 
@@ -224,3 +231,58 @@ def test_concurrent_refusals_never_exceed_the_limit(qwen3_embedding_folder: Path
         for future in futures:
             wait_until(future.done, timeout=60, what="every call to end")
         assert sum(code_of(f) == grpc.StatusCode.OK for f in futures) == 3
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def retry_for(pacing: RetryPacing, clock: FakeClock, callers: int, seconds: float) -> float:
+    """``callers`` refused callers, each retrying after the delay it was told, for
+    ``seconds``; the delay the last refusal carried."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += pacing.delay / callers  # the refusal rate the current delay makes
+        level = pacing.refused()
+    return RETRY_DELAYS_S[level]
+
+
+def test_the_retry_delay_spreads_waiting_callers_over_the_target_rate() -> None:
+    clock = FakeClock()
+    pacing = RetryPacing(clock)
+    assert pacing.delay == RETRY_DELAYS_S[0] == 0.1  # Envoy's, while few are refused
+    # 5 callers every 100 ms: 50 refusals a second, under the target; the delay stays.
+    assert retry_for(pacing, clock, 5, 3) == 0.1
+    # 192 callers every 100 ms: 1,920 a second. 1.92 s would spread them to the target
+    # (100 a second); the first delay at least that long is 3.2 s, and it holds.
+    assert TARGET_REFUSALS_PER_S == 100
+    assert retry_for(pacing, clock, 192, 10) == 3.2
+    # Half of them gone: 96 want 0.96 s, so 1.6 s.
+    assert retry_for(pacing, clock, 96, 10) == 1.6
+    # A quiet window, then one refusal: back to the first delay.
+    clock.now += 10
+    assert pacing.refused() == 0
+
+
+def test_a_refusal_carries_the_paced_delay(qwen3_embedding_folder: Path) -> None:
+    with serving(
+        model=qwen3_embedding_folder, warmup=False, metrics_port=0, max_calls_in_flight=1
+    ) as server:
+        limit = server.server.in_flight
+        assert limit is not None
+        server.call(lambda: setattr(limit.pacing, "level", 3))  # as after a storm of retries
+        with held(server):
+            accepted = server.stubs.embed.Embed.future(embed_request(["a"]), timeout=60)
+            wait_until(lambda: outstanding(server) == 1, what="one call in the engine")
+            refused = rejection_of(server.stubs.embed.Embed.future(embed_request(["b"])))
+            _, retry_after = error_details(refused)
+            assert retry_after == pytest.approx(RETRY_DELAYS_S[3])
+            assert from_rpc_error(refused).retry_after == pytest.approx(0.8)
+            assert server.server.metrics_port is not None
+            series = scrape(server.server.metrics_port)
+            assert value(series, "embedserve_in_flight_retry_delay_seconds") == pytest.approx(0.8)
+        assert len(accepted.result(timeout=60).embeddings) == 1

@@ -327,6 +327,7 @@ def test_metrics_after_known_traffic(qwen3_embedding_folder: Path) -> None:
             "embedserve_calls_in_flight",
             "embedserve_calls_in_flight_limit",
             "embedserve_in_flight_refusals_total",
+            "embedserve_in_flight_retry_delay_seconds",
             "embedserve_host_memory_trims_total",  # one trimmer a process (CPU)
             "embedserve_host_memory_trim_seconds_total",
         }

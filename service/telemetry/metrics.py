@@ -249,6 +249,12 @@ class _CallLimitCollector(Collector):
             "Calls refused RESOURCE_EXHAUSTED because --max-calls-in-flight were in progress.",
             value=limit.refused,
         )
+        yield GaugeMetricFamily(
+            "embedserve_in_flight_retry_delay_seconds",
+            "The RetryInfo delay the next in-flight refusal carries (it grows with the "
+            "refusal rate, so that waiting callers retry about 100 times a second in all).",
+            value=limit.pacing.delay,
+        )
 
 
 class _HostMemoryCollector(Collector):
