@@ -241,7 +241,10 @@ def _grpc_calls(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Call]:
             try:
                 response = await method(payloads[n % len(payloads)], timeout=spec.deadline)
             except grpc.aio.AioRpcError as exc:
-                return Answer(exc.code().name, retry_after=_retry_delay(exc))
+                # Read only by callers that retry: parsing every refusal's details would add
+                # client CPU, on the server's cores, to the loads that resend at once.
+                delay = _retry_delay(exc) if spec.client_retries else 0.0
+                return Answer(exc.code().name, retry_after=delay)
             usage = response.usage
             return Answer("OK", usage.inputs, usage.input_tokens, usage.cached_inputs)
 
