@@ -1,6 +1,6 @@
 """Servers side by side: where one call's time goes at concurrency 1, and unary loads.
 
-    python -m bench.server_ab [--calls 400] [--loads 1,8,64] [--rounds 3]
+    python -m bench.server_ab [--calls 400] [--loads 1,8,64] [--rounds 3] [--workload short]
                               [--server NAME=FLAGS]... [--python NAME=INTERPRETER]...
 
 Each server is an ``embedserve serve`` process (the packaged MiniLM, 2 torch threads).
@@ -17,9 +17,10 @@ answer's ``Timing`` splits the round trip:
 NAME=INTERPRETER`` runs that server on another interpreter, so that another checkout's
 ``.venv/bin/python`` (with its own ``embedserve``) can be measured against this one.
 
-Then the load generator (``bench.loadgen``, closed loop, one short sentence a call) runs
-each of ``--loads`` callers for ``--duration`` seconds: requests/s, p50 and p99. Rounds
-are interleaved: each round runs every server once, in turn. The figures of each round, and
+Then the load generator (``bench.loadgen``, closed loop, one text a call of ``--workload``:
+``short`` sentences, or ``mixed`` lengths of 16 to 512 tokens) runs each of ``--loads``
+callers for ``--duration`` seconds: requests/s, tokens/s, p50 and p99. Rounds are
+interleaved: each round runs every server once, in turn. The figures of each round, and
 the median of the rounds, are printed and written to ``--out`` as JSON.
 """
 
@@ -96,6 +97,7 @@ def main() -> None:
         "--loads", default="1,8,64", help="callers of each closed loop; '' for none"
     )
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--workload", choices=("short", "mixed"), default="short")
     parser.add_argument(
         "--server",
         action="append",
@@ -128,9 +130,15 @@ def main() -> None:
                 assert server.address is not None
                 row = measure(server.address, texts, args.calls)
                 for callers in loads:
-                    spec = LoadSpec(server.address, concurrency=callers, duration=args.duration)
+                    spec = LoadSpec(
+                        server.address,
+                        concurrency=callers,
+                        duration=args.duration,
+                        workload=args.workload,
+                    )
                     load = run_load(spec, procs=1 if callers < 8 else 2)
                     row[f"c{callers}_rps"] = round(load["rps"], 1)
+                    row[f"c{callers}_tokens_per_s"] = round(load["tokens_per_s"])
                     row[f"c{callers}_p50_ms"] = round(load["latency_ms"]["p50"], 2)
                     row[f"c{callers}_p99_ms"] = round(load["latency_ms"]["p99"], 2)
             finally:

@@ -21,23 +21,51 @@ from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2
 CPU = DeviceSpec(torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.parametrize("by_length", [True, False], ids=["runs-of-one-length", "padded"])
 @pytest.mark.parametrize(
     "lengths",
     [[3, 17, 9, 1, 17, 12], [5], [8, 8, 8]],
     ids=["unequal", "one-sequence", "no-padding"],
 )
-def test_packed_hidden_states_and_poolings_match_the_padded_model(lengths: list[int]) -> None:
+def test_packed_hidden_states_and_poolings_match_the_padded_model(
+    lengths: list[int], by_length: bool
+) -> None:
     model = tiny_bert(seed=len(lengths))
     ids, mask = right_padded(lengths, model.config.vocab_size, seed=sum(lengths))
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        packed = PackedBertEncoder(model)(ids, mask)
+        packed = PackedBertEncoder(model, by_length=by_length)(ids, mask)
+    # The packed rows may be in another order than the batch's; the poolings may not.
+    order = packed.order if packed.order is not None else torch.arange(len(lengths))
     assert packed.hidden.shape == (sum(lengths), model.config.hidden_size)
-    assert packed.lengths.tolist() == lengths
-    torch.testing.assert_close(packed.hidden, hidden[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert packed.lengths.tolist() == [lengths[row] for row in order.tolist()]
+    torch.testing.assert_close(
+        packed.hidden, hidden[order][mask[order].bool()], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(packed.mean(), mean_pool(hidden, mask), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed.first(), hidden[:, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed.last(), gather_last_token(hidden, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_on_the_cpu_rows_of_one_length_attend_together_without_padding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_bert(seed=3)
+    lengths = [3, 17, 9, 1, 17, 12, 3]
+    ids, mask = right_padded(lengths, model.config.vocab_size, seed=3)
+    attended: list[tuple[int, int, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        rows, _, width, _ = q.shape
+        attended.append((rows, width, kwargs.get("attn_mask") is not None))
+        return sdpa(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.inference_mode():
+        PackedBertEncoder(model)(ids, mask)
+    runs = [(1, 1, False), (2, 3, False), (1, 9, False), (1, 12, False), (2, 17, False)]
+    assert attended == runs * model.config.num_hidden_layers
 
 
 def test_fusing_the_projections_leaves_the_model_unchanged_and_shares_its_weights() -> None:
