@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ MAX_INPUT_TOKENS = 64
 MAX_BATCH_TOKENS = 512
 MAX_QUEUE_TOKENS = 512
 # Longer than 64 tokens: truncated at the end (the default policy) to exactly 64.
-LONG_TEXT = "The quick brown fox jumps over the lazy dog and keeps on running. " * 12
+SENTENCE = "The quick brown fox jumps over the lazy dog and keeps on running. "
+LONG_TEXT = SENTENCE * 12
 SHORT_TEXTS = ["hello world", "a short text", "yes", "the quick brown fox"]
 
 
@@ -399,13 +401,31 @@ def test_a_large_call_may_wait_three_times_its_own_work(qwen3_embedding_folder: 
                 wait_until(settled(server, call, 4 * queued_calls), what="a large call queued")
                 assert not call.done(), call.exception()
                 admitted.append(call)
+                if queued_calls == 2:
+                    # 512 ms queued. At its largest (4 x 64 tokens) this call could wait 768 ms,
+                    # so it passes the check before tokenizing; tokenized, it is short, and
+                    # its own bound (3x its work, over 100 ms) is what refuses it.
+                    short = rejection_of(
+                        server.stubs.embed.Embed.future(embed_request([SENTENCE] * 4), timeout=60)
+                    )
+                    found = re.search(
+                        r"is 512 ms of work \(limit (\d+) ms: 3x the (\d+) ms this call takes\)",
+                        short.details() or "",
+                    )
+                    assert found is not None, short.details()
+                    limit_ms, own_ms = int(found[1]), int(found[2])
+                    assert 100 < limit_ms < 512 and abs(limit_ms - 3 * own_ms) <= 2
             assert queued(server, Lane.INTERACTIVE) == (16, 1024)
             # Refused before tokenizing: at its largest (64 tokens) it could wait 192 ms.
             small = rejection_of(server.stubs.embed.Embed.future(embed_request(["yes"])))
-            assert "is 1024 ms of work (limit 192 ms)" in (small.details() or "")
+            assert "is 1024 ms of work (limit 192 ms: 3x the 64 ms this call may take)" in (
+                small.details() or ""
+            )
             refused = rejection_of(server.stubs.embed.Embed.future(large, timeout=60))
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "is 1024 ms of work (limit 768 ms)" in (refused.details() or "")
+            assert "is 1024 ms of work (limit 768 ms: 3x the 256 ms this call may take)" in (
+                refused.details() or ""
+            )
         assert all(len(c.result(timeout=60).embeddings) == 4 for c in admitted)
 
 

@@ -227,12 +227,19 @@ class Engine:
         """Admission before tokenizing, to shed load before spending CPU on it. It refuses
         only what ``compute`` would refuse however the ``inputs`` tokenize: their own work
         is taken at its largest, every input at the longest the model takes."""
-        self._admit(lane, 0, 0, inputs * self.adapter.max_input_tokens)
+        self._admit(lane, 0, 0, inputs * self.adapter.max_input_tokens, own_at_most=True)
 
-    def _admit(self, lane: Lane, tokens: int, sequences: int, own_tokens: int | None) -> None:
+    def _admit(
+        self,
+        lane: Lane,
+        tokens: int,
+        sequences: int,
+        own_tokens: int | None,
+        own_at_most: bool = False,
+    ) -> None:
         """Raise Overloaded if an interactive request of ``tokens`` in ``sequences`` would
         overflow the queue's token bound, or would wait too long for ``own_tokens`` of work
-        (``_delay_refusal``; None: no delay bound)."""
+        (``_delay_refusal``; None: no delay bound; ``own_at_most``: an upper bound)."""
         if self.state is not EngineState.READY:
             raise NotReady(f"model {self.adapter.name} is {self.state.value}")
         if lane is not Lane.INTERACTIVE:
@@ -243,12 +250,13 @@ class Engine:
             self._refuse(f"the {lane.value} queue holds {queued} tokens (limit {limit})")
         if own_tokens is None or self._fits_next_batch(queued + tokens, sequences):
             return
-        why = self._delay_refusal(queued, own_tokens)
+        why = self._delay_refusal(queued, own_tokens, own_at_most)
         if why is not None:
             self._refuse(why)
 
-    def _delay_refusal(self, queued: int, tokens: int) -> str | None:
-        """Why a request of ``tokens`` would wait too long behind ``queued`` tokens, or None.
+    def _delay_refusal(self, queued: int, tokens: int, at_most: bool = False) -> str | None:
+        """Why a request of ``tokens`` (``at_most``: or fewer) would wait too long behind
+        ``queued`` tokens, or None.
 
         The wait is the work ahead of it, at the throughput measured on full batches. It may
         be ``max_queue_delay_s``, or ``QUEUE_WAIT_PER_OWN_WORK`` times the request's own work
@@ -266,10 +274,12 @@ class Engine:
         allowed = max(max_delay, QUEUE_WAIT_PER_OWN_WORK * own)
         if ahead <= allowed:
             return None
-        return (
-            f"the {Lane.INTERACTIVE.value} queue is {ahead * 1000:.0f} ms of work "
-            f"(limit {allowed * 1000:.0f} ms)"
-        )
+        limit = f"limit {allowed * 1000:.0f} ms"
+        if allowed > max_delay:
+            # The bound a reader configured is not the one applied: say where this one is from.
+            takes = "may take" if at_most else "takes"
+            limit += f": {QUEUE_WAIT_PER_OWN_WORK:g}x the {own * 1000:.0f} ms this call {takes}"
+        return f"the {Lane.INTERACTIVE.value} queue is {ahead * 1000:.0f} ms of work ({limit})"
 
     async def tokenize(self, job: Callable[[], T], chars: int | None = None) -> tuple[T, float]:
         """``job`` on the tokenizer thread, or on the loop when ``chars`` says it is small
