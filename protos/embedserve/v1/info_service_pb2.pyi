@@ -160,8 +160,10 @@ class BatchingLimits(_message.Message):
     """
     @_builtins.property
     def max_queue_delay(self) -> _duration_pb2.Duration:
-        """Longest expected queue wait an interactive call is admitted into. Unset when
-        admission by expected wait is off (only max_queue_tokens applies).
+        """Longest expected queue wait an interactive call is admitted into: the work queued
+        ahead of it, at the measured throughput, may take this long, or 3 times the call's
+        own work when that is longer. Unset when admission by expected wait is off (only
+        max_queue_tokens applies).
         """
 
     def __init__(

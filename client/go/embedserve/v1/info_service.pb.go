@@ -256,8 +256,10 @@ type BatchingLimits struct {
 	MaxQueueTokens uint64 `protobuf:"varint,4,opt,name=max_queue_tokens,json=maxQueueTokens,proto3" json:"max_queue_tokens,omitempty"`
 	// Items a stream may have in flight before the server stops reading it.
 	StreamWindow uint32 `protobuf:"varint,5,opt,name=stream_window,json=streamWindow,proto3" json:"stream_window,omitempty"`
-	// Longest expected queue wait an interactive call is admitted into. Unset when
-	// admission by expected wait is off (only max_queue_tokens applies).
+	// Longest expected queue wait an interactive call is admitted into: the work queued
+	// ahead of it, at the measured throughput, may take this long, or 3 times the call's
+	// own work when that is longer. Unset when admission by expected wait is off (only
+	// max_queue_tokens applies).
 	MaxQueueDelay *durationpb.Duration `protobuf:"bytes,6,opt,name=max_queue_delay,json=maxQueueDelay,proto3,oneof" json:"max_queue_delay,omitempty"`
 	// Batches that may run at once, sharing the CPU's torch threads (--forward-workers);
 	// 1 on a GPU.
