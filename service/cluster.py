@@ -44,6 +44,7 @@ from embedserve.envoy.render import (
     UpstreamTls,
     write,
 )
+from embedserve.service.security.handshake import ClientEnd, ServerEnd, UnusableEnd, handshake
 
 log = logging.getLogger("embedserve.cluster")
 
@@ -190,7 +191,36 @@ class ClusterTls:
         ):
             if path is not None:
                 _check_pem(flag, path)
+        tls._check_upstream_handshake()
         return tls
+
+    def _check_upstream_handshake(self) -> None:
+        """Envoy's TLS to the replicas, tried in memory before anything starts: a pairing that
+        cannot work is refused here, naming the flag, instead of showing up as replicas that
+        never become reachable."""
+        if self.upstream_ca is None or self.cert is None or self.key is None:
+            return
+        replica = ServerEnd(self.cert, self.key, self.upstream_ca if self.upstream_mutual else None)
+        envoy = ClientEnd(self.upstream_ca, HOST, self.upstream_cert, self.upstream_key)
+        try:
+            failure = handshake(replica, envoy)
+        except UnusableEnd as exc:
+            flags = (
+                "--tls-cert/--tls-key" if exc.end == "server" else "--upstream-cert/--upstream-key"
+            )
+            raise TlsFlagsError(f"{flags} cannot be used for TLS: {exc.reason}") from exc
+        if failure is None:
+            return
+        if failure.refused_by == "client":
+            raise TlsFlagsError(
+                f"Envoy would refuse the replicas' certificate (--tls-cert): it must be signed "
+                f"by --upstream-ca and name {HOST}, the address the replicas are dialled at: "
+                f"{failure.reason}"
+            )
+        raise TlsFlagsError(
+            f"the replicas would refuse Envoy's client certificate (--upstream-cert): it must "
+            f"be signed by --upstream-ca: {failure.reason}"
+        )
 
     @property
     def listener(self) -> bool:

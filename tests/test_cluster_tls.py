@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import serving
 from test_envoy import CLUSTER_COMMAND, alive, cluster_running, free_port
 from test_security import issue, make_ca
 
@@ -23,9 +24,12 @@ from embedserve.service.cluster import (
     REPLICA_TLS_ENV,
     ClusterTls,
     TlsFlagsError,
+    TlsHandshakeError,
+    probe,
     replica_command,
     replica_env,
 )
+from embedserve.service.security.handshake import ClientEnd, ServerEnd, UnusableEnd, handshake
 
 
 @dataclass(frozen=True)
@@ -271,25 +275,138 @@ def test_cluster_with_mutual_tls_on_both_hops(
         assert [pid for pid in pids if alive(pid)] == []
 
 
-@pytest.mark.slow
-def test_cluster_stops_at_once_when_the_replicas_certificate_fails_verification(
+# --- Certificates that cannot work together are refused before anything starts ------------
+
+
+def test_a_pairing_that_completes_a_handshake_passes(pem: Files) -> None:
+    replica = ServerEnd(pem.server_cert, pem.server_key, client_ca=pem.ca)
+    envoy = ClientEnd(pem.ca, "127.0.0.1", pem.envoy_cert, pem.envoy_key)
+    assert handshake(replica, envoy) is None
+    one_way = ServerEnd(pem.server_cert, pem.server_key)
+    assert handshake(one_way, ClientEnd(pem.ca, "localhost")) is None
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "refused_by", "reason"),
+    [
+        (
+            lambda p: ServerEnd(p.server_cert, p.server_key),
+            lambda p: ClientEnd(p.other_ca, "127.0.0.1"),
+            "client",
+            "unable to get local issuer certificate",
+        ),
+        (
+            lambda p: ServerEnd(p.server_cert, p.server_key),
+            lambda p: ClientEnd(p.ca, "10.1.2.3"),
+            "client",
+            "10.1.2.3",
+        ),
+        (
+            lambda p: ServerEnd(p.server_cert, p.server_key, client_ca=p.ca),
+            lambda p: ClientEnd(p.ca, "127.0.0.1", p.stranger_cert, p.stranger_key),
+            "server",
+            "unable to get local issuer certificate",
+        ),
+        (
+            lambda p: ServerEnd(p.server_cert, p.server_key, client_ca=p.ca),
+            lambda p: ClientEnd(p.ca, "127.0.0.1"),
+            "server",
+            "CERTIFICATE",
+        ),
+    ],
+    ids=["server-from-another-ca", "wrong-address", "client-from-another-ca", "no-client-cert"],
+)
+def test_the_end_that_refuses_the_other_is_named(
+    pem: Files, server: Any, client: Any, refused_by: str, reason: str
+) -> None:
+    failure = handshake(server(pem), client(pem))
+    assert failure is not None and failure.refused_by == refused_by
+    assert reason.lower() in failure.reason.lower(), failure.reason
+
+
+def test_a_key_that_does_not_match_its_certificate_is_an_unusable_end(pem: Files) -> None:
+    with pytest.raises(UnusableEnd) as server_side:
+        handshake(ServerEnd(pem.server_cert, pem.envoy_key), ClientEnd(pem.ca, "127.0.0.1"))
+    assert server_side.value.end == "server"
+    with pytest.raises(UnusableEnd) as client_side:
+        handshake(
+            ServerEnd(pem.server_cert, pem.server_key, client_ca=pem.ca),
+            ClientEnd(pem.ca, "127.0.0.1", pem.envoy_cert, pem.server_key),
+        )
+    assert client_side.value.end == "client"
+
+
+def test_the_cluster_refuses_certificates_that_cannot_work_together_naming_the_flag(
+    pem: Files,
+) -> None:
+    server = ["--tls-cert", str(pem.server_cert), "--tls-key", str(pem.server_key)]
+    upstream = ["--upstream-ca", str(pem.ca)]
+
+    def client_pair(cert: Path, key: Path) -> list[str]:
+        return ["--upstream-cert", str(cert), "--upstream-key", str(key)]
+
+    for flags, message in (
+        (
+            [*server, "--upstream-ca", str(pem.other_ca)],
+            "Envoy would refuse the replicas' certificate (--tls-cert)",
+        ),
+        (
+            [*server, *upstream, *client_pair(pem.stranger_cert, pem.stranger_key)],
+            "the replicas would refuse Envoy's client certificate (--upstream-cert)",
+        ),
+        (
+            [*server, *upstream, *client_pair(pem.envoy_cert, pem.stranger_key)],
+            "--upstream-cert/--upstream-key cannot be used for TLS",
+        ),
+        (
+            ["--tls-cert", str(pem.server_cert), "--tls-key", str(pem.envoy_key), *upstream],
+            "--tls-cert/--tls-key cannot be used for TLS",
+        ),
+    ):
+        with pytest.raises(TlsFlagsError) as refused:
+            ClusterTls.from_args(_parse(*flags))
+        assert message in str(refused.value)
+
+
+def test_the_cluster_command_exits_at_once_on_a_client_certificate_the_replicas_refuse(
     pem: Files, qwen3_embedding_folder: Path, tmp_path: Path
 ) -> None:
-    """--upstream-ca from another CA: the replica is up but TLS with it can never work, so the
-    command says so and exits 1 instead of waiting out --startup-timeout-s."""
+    """Over the network, a refused client certificate looks like a replica that never becomes
+    reachable (the command waited out --startup-timeout-s, 300 s by default). It is refused
+    before any replica starts."""
     flags = [
         "--tls-cert",
         str(pem.server_cert),
         "--tls-key",
         str(pem.server_key),
         "--upstream-ca",
-        str(pem.other_ca),
+        str(pem.ca),
+        "--upstream-cert",
+        str(pem.stranger_cert),
+        "--upstream-key",
+        str(pem.stranger_key),
     ]
-    with cluster_running(
-        qwen3_embedding_folder, tmp_path, 1, *flags, "--startup-timeout-s", "600"
-    ) as cluster:
-        assert cluster.process.wait(120) == 1
-        assert cluster.event(timeout=5) == {"event": "stopped", "code": 1}
+    with cluster_running(qwen3_embedding_folder, tmp_path, 1, *flags) as cluster:
+        assert cluster.process.wait(60) == 2
     stderr = (tmp_path / "cluster.err").read_text()
-    assert "TLS with a replica fails" in stderr, stderr[-3000:]
-    assert "CERTIFICATE_VERIFY_FAILED" in stderr, stderr[-3000:]
+    assert "cannot start" in stderr and "(--upstream-cert)" in stderr, stderr[-3000:]
+    assert "starting replicas" not in stderr
+
+
+def test_the_readiness_probe_tells_a_failed_handshake_from_a_replica_still_starting(
+    pem: Files, qwen3_embedding_folder: Path
+) -> None:
+    """The probe's own check, behind the one before start (gRPC's BoringSSL is the judge that
+    counts): a handshake that fails raises at once; a closed port is only a reason to wait."""
+    wrong_ca = grpc.ssl_channel_credentials(pem.read("other_ca"))
+    with serving(
+        model=qwen3_embedding_folder,
+        warmup=False,
+        tls_cert=pem.server_cert,
+        tls_key=pem.server_key,
+    ) as server:
+        with pytest.raises(TlsHandshakeError, match="CERTIFICATE_VERIFY_FAILED"):
+            probe(server.port, timeout=10, credentials=wrong_ca)
+        right_ca = grpc.ssl_channel_credentials(pem.read("ca"))
+        assert probe(server.port, timeout=10, credentials=right_ca) is None
+    assert probe(free_port(), credentials=wrong_ca) is not None
