@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from harness import InProcessServer, bytes_vectors, serving
 from support.bert import reference_bert_embed, right_padded, tiny_bert
-from transformers import RobertaConfig, RobertaModel
+from transformers import Qwen3Config, Qwen3Model, RobertaConfig, RobertaModel
 
 from embedserve.service.engine.runner import BatchRunner
 from embedserve.service.models.base import DeviceSpec, gather_last_token, mean_pool
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
+from embedserve.service.models.packed_qwen3 import PackedQwen3Decoder
+from embedserve.service.models.packed_qwen3 import unsupported_reason as qwen3_unsupported_reason
+from embedserve.service.models.qwen3 import Qwen3Embedder, Qwen3Reranker
 from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
 from embedserve.service.models.tokenization import Truncation
 from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2
@@ -127,18 +131,19 @@ def test_minilm_padding_free_and_padded_adapters_agree(minilm_folder: Path) -> N
 
 
 def test_server_info_says_which_models_run_padding_free(
-    minilm_server: InProcessServer, qwen3_server: InProcessServer
+    minilm_server: InProcessServer, qwen3_server: InProcessServer, cross_encoder_folder: Path
 ) -> None:
     def padding_free(server: InProcessServer) -> dict[str, bool]:
         info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=30)
-        return {
-            m.name: m.padding_free
-            for m in info.models
-            if m.kind == info_service_pb2.MODEL_KIND_EMBEDDING
-        }
+        return {m.name: m.padding_free for m in info.models}
 
-    assert padding_free(minilm_server) == {"all-MiniLM-L6-v2": True}
-    assert padding_free(qwen3_server) == {"qwen3-embedding-tiny": False}
+    # A similarity reranker is its embedding model.
+    assert set(padding_free(minilm_server).values()) == {True}
+    assert padding_free(qwen3_server) == {"qwen3-embedding-tiny": True, "qwen3-reranker-tiny": True}
+    with serving(reranker=cross_encoder_folder, reranker_name="cross") as server:
+        assert padding_free(server)["cross"] is False
+    with serving(padding_free=False) as server:
+        assert set(padding_free(server).values()) == {False}
 
 
 def test_the_offline_bert_stand_in_serves_what_sentence_transformers_computes(
@@ -159,3 +164,95 @@ def test_the_offline_bert_stand_in_serves_what_sentence_transformers_computes(
     torch.testing.assert_close(
         served, reference_bert_embed(bert_embedder_folder, texts), atol=1e-5, rtol=1e-4
     )
+
+
+# --- Qwen3 (packed_qwen3.py) ---------------------------------------------------------------
+
+
+def tiny_qwen3(**overrides: Any) -> Any:
+    """A small random Qwen3Model: grouped-query attention, and a head size that is not
+    hidden / heads, as in the real checkpoints."""
+    fields: dict[str, Any] = {
+        "vocab_size": 120,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 24,
+        "max_position_embeddings": 128,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+    }
+    torch.manual_seed(5)
+    model = Qwen3Model(Qwen3Config(**{**fields, **overrides}))
+    return model.eval()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("by_length", [True, False], ids=["runs-of-one-length", "padded"])
+@pytest.mark.parametrize(
+    "lengths",
+    [[3, 17, 9, 1, 17, 12], [5], [8, 8, 8]],
+    ids=["unequal", "one-sequence", "no-padding"],
+)
+def test_packed_qwen3_matches_the_padded_decoder(lengths: list[int], by_length: bool) -> None:
+    model = tiny_qwen3()
+    ids, mask = right_padded(lengths, model.config.vocab_size, seed=sum(lengths))
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        packed = PackedQwen3Decoder(model, by_length=by_length)(ids, mask)
+    order = packed.order if packed.order is not None else torch.arange(len(lengths))
+    torch.testing.assert_close(
+        packed.hidden, hidden[order][mask[order].bool()], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(packed.last(), gather_last_token(hidden, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (
+            {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+            "sliding-window",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}},
+            "rope type 'linear'",
+        ),
+    ],
+    ids=["sliding-window", "scaled-rope"],
+)
+def test_qwen3_models_the_packed_forward_would_get_wrong_are_named_and_refused(
+    overrides: dict[str, Any], reason: str
+) -> None:
+    assert qwen3_unsupported_reason(tiny_qwen3()) is None
+    model = tiny_qwen3(**overrides)
+    found = qwen3_unsupported_reason(model)
+    assert found is not None and reason in found
+    with pytest.raises(ValueError, match="cannot run packed"):
+        PackedQwen3Decoder(model)
+    assert "is not a Qwen3Model" in (qwen3_unsupported_reason(tiny_bert(seed=1)) or "")
+
+
+def test_qwen3_padding_free_and_padded_adapters_agree(
+    qwen3_embedding_folder: Path, qwen3_reranker_folder: Path
+) -> None:
+    texts = ["hi", "a short text", "a somewhat longer text about retrieval", "yes " * 40]
+    embeddings, scores = {}, {}
+    for padding_free in (True, False):
+        embed_options = ModelOptions(
+            folder=qwen3_embedding_folder, name="e", padding_free=padding_free
+        )
+        embedder = Qwen3Embedder(embed_options, CPU)
+        assert embedder.padding_free is padding_free
+        batch = [t.ids for t in embedder.tokenize(texts, "", Truncation.END)]
+        assert len({len(ids) for ids in batch}) == len(texts)  # a batch with padding
+        embeddings[padding_free] = torch.from_numpy(BatchRunner(embedder).run(batch))
+        rerank_options = ModelOptions(
+            folder=qwen3_reranker_folder, name="r", padding_free=padding_free
+        )
+        reranker = Qwen3Reranker(rerank_options, CPU)
+        assert reranker.padding_free is padding_free
+        pairs = [t.ids for t in reranker.tokenize_pairs("query", texts, "", Truncation.END)]
+        scores[padding_free] = torch.from_numpy(BatchRunner(reranker).run(pairs))
+    torch.testing.assert_close(embeddings[True], embeddings[False], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores[True], scores[False], atol=1e-5, rtol=1e-5)

@@ -91,6 +91,7 @@ def _describe_reranker(
         default_instruction=reranker.default_instruction,
         default_truncation=truncation,
         batching=_batching(reranker.engine),
+        padding_free=adapter.padding_free,
         device=str(adapter.device.device),
         dtype=adapter.device.dtype_name,
     )

@@ -66,6 +66,11 @@ class ModelAdapter(ABC):
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def padding_free(self) -> bool:
+        """Whether ``forward`` computes only the real tokens of a padded batch."""
+        return False
+
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run one right-padded batch: one row a sequence (embedding) or one value (score)."""
@@ -81,11 +86,6 @@ class EmbeddingAdapter(ModelAdapter):
     min_dimensions: int
     default_instruction: str
     pooling: str
-
-    @property
-    def padding_free(self) -> bool:
-        """Whether ``forward`` computes only the real tokens of a padded batch."""
-        return False
 
     @abstractmethod
     def query_prefix(self, instruction: str) -> str:

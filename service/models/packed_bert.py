@@ -1,19 +1,7 @@
 """A padding-free forward pass for BERT encoders (all-MiniLM-L6-v2 and kin).
 
-A right-padded batch of texts of unequal length spends much of its compute on padding:
-64 unary calls of short sentences, taken as one batch, are about 30% padding here, and the
-engine cannot sort them away because it takes every queued call at once. Here the linear
-layers, which are most of the work, run on the real tokens only, packed into one
-``[tokens, hidden]`` matrix.
-
-Attention needs each sequence's tokens side by side. On the CPU the rows are sorted by
-length, so that the packed tokens of the rows of one length form one contiguous block: each
-block is a ``[rows, length]`` batch as it stands, and runs through SDPA with no mask and no
-copy. Against scattering every row into the padded layout and running a masked SDPA, that
-made MiniLM's forward 3-5% faster on batches of short sentences and about 30% faster on
-batches of 16 to 512 tokens (docs/benchmarks.md, the changes table). On CUDA, where each
-block would cost a kernel launch per layer, a batch of unequal lengths still scatters into
-the padded layout (unmeasured there: no GPU has been lent since).
+The embeddings and every linear layer run on the real tokens of the batch only, and attention
+runs as ``packing.py`` lays it out (in blocks of one length on the CPU).
 
 The weights are the Hugging Face model's own: the query, key and value projections are
 re-pointed into one fused ``[3 * hidden, hidden]`` matrix (one matmul instead of three), so
@@ -23,52 +11,13 @@ the model keeps working unchanged and no weight is held twice.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 from torch import nn
 
-
-@dataclass
-class PackedBatch:
-    """Hidden states of the real tokens of a right-padded batch.
-
-    The rows may be packed in another order than the batch's (``order``); every pooling
-    returns its rows in the batch's order.
-    """
-
-    hidden: torch.Tensor  # [tokens, hidden]: the rows' tokens, row after row
-    lengths: torch.Tensor  # [rows]: real tokens a row, in packed order
-    order: torch.Tensor | None = None  # [rows]: the batch row of each packed row; None: same
-
-    def mean(self) -> torch.Tensor:
-        """Mean over each row's tokens, accumulated in float32."""
-        rows = self.lengths.shape[0]
-        sums = torch.zeros(
-            (rows, self.hidden.shape[1]), dtype=torch.float32, device=self.hidden.device
-        )
-        # The row each token belongs to.
-        row_of_token = torch.arange(rows, device=self.hidden.device).repeat_interleave(self.lengths)
-        sums.index_add_(0, row_of_token, self.hidden.float())
-        return self._in_batch_order(sums / self.lengths.clamp(min=1).unsqueeze(1).float())
-
-    def first(self) -> torch.Tensor:
-        return self._in_batch_order(self.hidden[self._starts()])
-
-    def last(self) -> torch.Tensor:
-        return self._in_batch_order(self.hidden[self._starts() + self.lengths - 1])
-
-    def _starts(self) -> torch.Tensor:
-        return torch.cumsum(self.lengths, 0) - self.lengths
-
-    def _in_batch_order(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.order is None:
-            return rows
-        unsorted = torch.empty_like(rows)
-        unsorted[self.order] = rows
-        return unsorted
+from embedserve.service.models.packing import PackedBatch, Packing
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -116,52 +65,6 @@ class _Layer:
         self.out_norm: nn.LayerNorm = layer.output.LayerNorm
 
 
-class _Attention(Protocol):
-    def __call__(self, qkv: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """The attention context ``[tokens, hidden]`` of packed ``[tokens, 3 * hidden]``."""
-        ...
-
-
-class _BlocksOfOneLength:
-    """Rows packed in runs of one length: each run attends as an unpadded batch."""
-
-    def __init__(self, blocks: list[tuple[int, int]]) -> None:
-        self._blocks = blocks  # (rows, length) of each run, in packed order
-
-    def __call__(self, qkv: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        hidden = qkv.shape[1] // 3
-        contexts = []
-        start = 0
-        for rows, length in self._blocks:
-            end = start + rows * length
-            q, k, v = (
-                qkv[start:end]
-                .view(rows, length, 3, layer.heads, layer.head_size)
-                .permute(2, 0, 3, 1, 4)
-            )
-            context = F.scaled_dot_product_attention(q, k, v)
-            contexts.append(context.transpose(1, 2).reshape(end - start, hidden))
-            start = end
-        return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
-
-
-class _Padded:
-    """Rows of unequal length scattered into the padded layout around one masked SDPA."""
-
-    def __init__(self, index: torch.Tensor, mask: torch.Tensor) -> None:
-        self._index = index  # the padded position of each packed token
-        self._rows, self._width = mask.shape
-        self._key_mask = mask[:, None, None, :]
-
-    def __call__(self, qkv: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        rows, width, hidden = self._rows, self._width, qkv.shape[1] // 3
-        padded = qkv.new_zeros((rows * width, 3 * hidden))
-        padded[self._index] = qkv
-        q, k, v = padded.view(rows, width, 3, layer.heads, layer.head_size).permute(2, 0, 3, 1, 4)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=self._key_mask)
-        return context.transpose(1, 2).reshape(rows * width, hidden)[self._index]
-
-
 class PackedBertEncoder:
     """Runs a BertModel's embeddings and encoder on the real tokens of a padded batch."""
 
@@ -180,52 +83,19 @@ class PackedBertEncoder:
         self._layers = [_Layer(layer) for layer in model.encoder.layer]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
-        rows, width = input_ids.shape
-        lengths = attention_mask.sum(dim=1)
-        order = None
-        by_length = self._by_length
-        if by_length is None:
-            by_length = input_ids.device.type == "cpu"
-        by_length = by_length and rows > 1
-        if by_length:
-            lengths, order = torch.sort(lengths, stable=True)
-            input_ids, attention_mask = input_ids[order], attention_mask[order]
-        mask = attention_mask.bool()
-        # Right padding: every row is a prefix, so the row-major order of the real tokens
-        # keeps each sequence contiguous and in order.
-        full = int(lengths.sum()) == rows * width
-        index = None if full else mask.reshape(-1).nonzero().squeeze(1)
-        positions = torch.arange(width, device=input_ids.device).expand(rows, width)
-        ids = input_ids.reshape(-1)
-        positions = positions.reshape(-1)
-        if index is not None:
-            ids, positions = ids[index], positions[index]
+        packing = Packing(input_ids, attention_mask, self._by_length)
         # Token type 0 for every token: embedders get one segment.
-        x = self._words(ids) + self._positions(positions) + self._token_type.weight[0]
-        x = self._embedding_norm(x)
-        attention: _Attention
-        if index is None:
-            attention = _BlocksOfOneLength([(rows, width)])
-        elif by_length:
-            lengths_of_runs, rows_of_runs = torch.unique_consecutive(lengths, return_counts=True)
-            attention = _BlocksOfOneLength(
-                [
-                    (run_rows, length)
-                    for length, run_rows in zip(
-                        lengths_of_runs.tolist(), rows_of_runs.tolist(), strict=True
-                    )
-                    if length  # an empty row has no tokens to attend
-                ]
-            )
-        else:
-            attention = _Padded(index, mask)
+        x = self._words(packing.ids) + self._positions(packing.positions)
+        x = self._embedding_norm(x + self._token_type.weight[0])
         for layer in self._layers:
-            x = self._layer(layer, x, attention)
-        return PackedBatch(x, lengths, order)
+            x = self._layer(layer, x, packing)
+        return packing.batch(x)
 
     @staticmethod
-    def _layer(layer: _Layer, x: torch.Tensor, attention: _Attention) -> torch.Tensor:
-        context = attention(F.linear(x, layer.qkv_weight, layer.qkv_bias), layer)
+    def _layer(layer: _Layer, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+        q, k, v = qkv.view(x.shape[0], 3, layer.heads, layer.head_size).unbind(1)
+        context = packing.attend(q, k, v)
         x = layer.attention_norm(
             F.linear(context, layer.attention_out.weight, layer.attention_out.bias) + x
         )

@@ -6,7 +6,9 @@ yes/no judgement prompt scored as sigmoid(logit_yes - logit_no) for reranking.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
@@ -26,6 +28,7 @@ from embedserve.service.models.folder import (
     max_positions,
 )
 from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.packed_qwen3 import PackedQwen3Decoder, unsupported_reason
 from embedserve.service.models.tokenization import TextTokenizer, TokenizedInput, Truncation
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -38,6 +41,8 @@ RERANKER_PREFIX = (
 )
 RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
+log = logging.getLogger(__name__)
+
 
 def _qwen3_tokenizer(options: ModelOptions) -> TextTokenizer:
     config = load_config(options.folder)
@@ -45,6 +50,22 @@ def _qwen3_tokenizer(options: ModelOptions) -> TextTokenizer:
         raise ModelLoadError(f"{options.folder} is a {config.model_type!r} model, not qwen3")
     natural = min(max_positions(config), QWEN3_OPERATING_LENGTH)
     return TextTokenizer.from_folder(options.folder, max_tokens=options.input_limit(natural))
+
+
+def _padding_free(
+    decoder: Any, options: ModelOptions, device: DeviceSpec
+) -> PackedQwen3Decoder | None:
+    """The padding-free forward of ``decoder`` (a Qwen3Model), where it applies: on the CPU.
+    On CUDA the padded forward stays, the one CUDA graphs capture (``cuda_graphs.py``)."""
+    if not options.padding_free or device.device.type != "cpu":
+        return None
+    reason = unsupported_reason(decoder)
+    if reason is not None:
+        log.info(
+            "padding-free forward unavailable", extra={"model": options.name, "reason": reason}
+        )
+        return None
+    return PackedQwen3Decoder(decoder)
 
 
 class Qwen3Embedder(EmbeddingAdapter):
@@ -66,6 +87,7 @@ class Qwen3Embedder(EmbeddingAdapter):
                 "pools the end token's hidden state (check tokenizer.json's post_processor)"
             )
         self._model = load_weights(AutoModel, options.folder, device)
+        self._packed = _padding_free(self._model, options, device)
         self.dimensions = int(self._model.config.hidden_size)
         self.min_dimensions = options.dimension_floor(
             min(MIN_MRL_DIMENSIONS, self.dimensions), self.dimensions
@@ -76,10 +98,16 @@ class Qwen3Embedder(EmbeddingAdapter):
             else options.default_instruction
         )
 
+    @property
+    def padding_free(self) -> bool:  # overrides the base's constant
+        return self._packed is not None
+
     def query_prefix(self, instruction: str) -> str:
         return f"Instruct: {instruction}\nQuery:"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return self._packed(input_ids, attention_mask).last()
         hidden = self._model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return gather_last_token(hidden, attention_mask)
 
@@ -106,6 +134,7 @@ class Qwen3Reranker(RerankerAdapter):
         # vocabulary-sized LM head, a dot product per sequence.
         self._yes_minus_no = (head[yes].float() - head[no].float()).detach().clone()
         self._backbone = model.get_decoder()
+        self._packed = _padding_free(self._backbone, options, device)
         self.default_instruction = (
             DEFAULT_INSTRUCTION
             if options.default_instruction is None
@@ -135,7 +164,14 @@ class Qwen3Reranker(RerankerAdapter):
             "warm up", ["warm up " * self.max_input_tokens], "", Truncation.END
         )[0].ids
 
+    @property
+    def padding_free(self) -> bool:
+        return self._packed is not None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            last = self._packed(input_ids, attention_mask).last().float()
+            return torch.sigmoid(last @ self._yes_minus_no)
         hidden = self._backbone(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state

@@ -21,7 +21,8 @@ from embedserve.service.models.folder import (
     read_sentence_transformers,
 )
 from embedserve.service.models.options import ModelOptions
-from embedserve.service.models.packed_bert import PackedBatch, PackedBertEncoder, unsupported_reason
+from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
+from embedserve.service.models.packing import PackedBatch
 from embedserve.service.models.tokenization import TextTokenizer
 
 POOLINGS = ("mean", "cls", "last_token")

@@ -243,8 +243,9 @@ class ModelInfo(_message.Message):
     pooling: _builtins.str
     """For embedding models: "mean", "cls" or "last_token"."""
     padding_free: _builtins.bool
-    """For embedding models: whether the forward pass computes the real tokens of a batch
-    only, and none of its padding (BERT embedders, --padding-free).
+    """Whether the forward pass computes the real tokens of a batch only, and none of its
+    padding (--padding-free: BERT embedders, and Qwen3 models on the CPU). For a similarity
+    reranker, its embedding model's.
     """
     @_builtins.property
     def batching(self) -> Global___BatchingLimits:

@@ -386,8 +386,9 @@ type ModelInfo struct {
 	Dtype string `protobuf:"bytes,15,opt,name=dtype,proto3" json:"dtype,omitempty"`
 	// For embedding models: "mean", "cls" or "last_token".
 	Pooling string `protobuf:"bytes,16,opt,name=pooling,proto3" json:"pooling,omitempty"`
-	// For embedding models: whether the forward pass computes the real tokens of a batch
-	// only, and none of its padding (BERT embedders, --padding-free).
+	// Whether the forward pass computes the real tokens of a batch only, and none of its
+	// padding (--padding-free: BERT embedders, and Qwen3 models on the CPU). For a similarity
+	// reranker, its embedding model's.
 	PaddingFree bool `protobuf:"varint,17,opt,name=padding_free,json=paddingFree,proto3" json:"padding_free,omitempty"`
 }
 

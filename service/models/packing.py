@@ -1,0 +1,163 @@
+"""Padding-free batches: the real tokens of a right-padded batch, packed row after row.
+
+A right-padded batch of texts of unequal length spends much of its compute on padding: 64
+unary calls of short sentences, taken as one batch, are about 30% padding here, and the
+engine cannot sort them away because it takes every queued call at once. A padding-free
+forward (``packed_bert.py``, ``packed_qwen3.py``) runs its embeddings, norms and linear
+layers, which are most of the work, on the real tokens only, as one ``[tokens, hidden]``
+matrix. ``Packing`` is the layout: which tokens are real, their positions, and how attention,
+which needs each sequence's tokens side by side, runs on them.
+
+On the CPU the rows are sorted by length, so that the packed tokens of the rows of one length
+form one contiguous block: each block is a ``[rows, length]`` batch as it stands and runs
+through SDPA with no mask and no copy. Against scattering every row into the padded layout
+around one masked SDPA, that made MiniLM's forward 3-5% faster on batches of short sentences
+and 8-13% faster on batches of 16 to 256 tokens (docs/benchmarks.md, the changes table). On
+CUDA, where each block would cost kernel launches a layer, a batch of unequal lengths is
+scattered into the padded layout around one masked SDPA (unmeasured there: no GPU has been
+lent since).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the idiomatic name
+
+
+@dataclass
+class PackedBatch:
+    """Hidden states of the real tokens of a right-padded batch.
+
+    The rows may be packed in another order than the batch's (``order``); every pooling
+    returns its rows in the batch's order.
+    """
+
+    hidden: torch.Tensor  # [tokens, hidden]: the rows' tokens, row after row
+    lengths: torch.Tensor  # [rows]: real tokens a row, in packed order
+    order: torch.Tensor | None = None  # [rows]: the batch row of each packed row; None: same
+
+    def mean(self) -> torch.Tensor:
+        """Mean over each row's tokens, accumulated in float32."""
+        rows = self.lengths.shape[0]
+        sums = torch.zeros(
+            (rows, self.hidden.shape[1]), dtype=torch.float32, device=self.hidden.device
+        )
+        # The row each token belongs to.
+        row_of_token = torch.arange(rows, device=self.hidden.device).repeat_interleave(self.lengths)
+        sums.index_add_(0, row_of_token, self.hidden.float())
+        return self._in_batch_order(sums / self.lengths.clamp(min=1).unsqueeze(1).float())
+
+    def first(self) -> torch.Tensor:
+        return self._in_batch_order(self.hidden[self._starts()])
+
+    def last(self) -> torch.Tensor:
+        return self._in_batch_order(self.hidden[self._starts() + self.lengths - 1])
+
+    def _starts(self) -> torch.Tensor:
+        return torch.cumsum(self.lengths, 0) - self.lengths
+
+    def _in_batch_order(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.order is None:
+            return rows
+        unsorted = torch.empty_like(rows)
+        unsorted[self.order] = rows
+        return unsorted
+
+
+class Packing:
+    """The packed layout of one right-padded batch, and attention over it.
+
+    ``by_length``: whether rows of unequal length attend in blocks of one length (None: on
+    the CPU) or scattered into the padded layout around one masked SDPA (None: on CUDA).
+    """
+
+    def __init__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, by_length: bool | None
+    ) -> None:
+        rows, width = input_ids.shape
+        lengths = attention_mask.sum(dim=1)
+        if by_length is None:
+            by_length = input_ids.device.type == "cpu"
+        by_length = by_length and rows > 1
+        self.order: torch.Tensor | None = None
+        if by_length:
+            lengths, self.order = torch.sort(lengths, stable=True)
+            input_ids, attention_mask = input_ids[self.order], attention_mask[self.order]
+        self.lengths = lengths
+        mask = attention_mask.bool()
+        # Right padding: every row is a prefix, so the row-major order of the real tokens
+        # keeps each sequence contiguous and in order.
+        full = int(lengths.sum()) == rows * width
+        positions = torch.arange(width, device=input_ids.device).expand(rows, width).reshape(-1)
+        ids = input_ids.reshape(-1)
+        # The padded position of each real token (None: there is no padding).
+        self._index = None if full else mask.reshape(-1).nonzero().squeeze(1)
+        if self._index is not None:
+            ids, positions = ids[self._index], positions[self._index]
+        self.ids = ids  # [tokens]
+        self.positions = positions  # [tokens]: each token's position in its sequence
+        self._rows, self._width = rows, width
+        self._key_mask = mask[:, None, None, :]
+        self._blocks: list[tuple[int, int]] | None = None  # (rows, length), in packed order
+        if self._index is None:
+            self._blocks = [(rows, width)]
+        elif by_length:
+            lengths_of_runs, rows_of_runs = torch.unique_consecutive(lengths, return_counts=True)
+            self._blocks = [
+                (run_rows, length)
+                for length, run_rows in zip(
+                    lengths_of_runs.tolist(), rows_of_runs.tolist(), strict=True
+                )
+                if length  # an empty row has no tokens to attend
+            ]
+
+    def batch(self, hidden: torch.Tensor) -> PackedBatch:
+        return PackedBatch(hidden, self.lengths, self.order)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        """Attention of packed ``q`` ``[tokens, heads, head]`` over packed ``k`` and ``v``
+        ``[tokens, kv_heads, head]`` (fewer heads: grouped-query attention), each token
+        within its own sequence; the context as ``[tokens, heads * head]``."""
+        _, heads, head = q.shape
+        grouped = k.shape[1] != heads
+        if self._blocks is not None:
+            contexts = []
+            start = 0
+            for rows, length in self._blocks:
+                end = start + rows * length
+                block_q, block_k, block_v = (
+                    t[start:end].view(rows, length, t.shape[1], head).transpose(1, 2)
+                    for t in (q, k, v)
+                )
+                context = F.scaled_dot_product_attention(
+                    block_q, block_k, block_v, is_causal=causal, enable_gqa=grouped
+                )
+                contexts.append(context.transpose(1, 2).reshape(end - start, heads * head))
+                start = end
+            return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
+        return self._attend_padded(q, k, v, causal, grouped)
+
+    def _attend_padded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, grouped: bool
+    ) -> torch.Tensor:
+        assert self._index is not None
+        rows, width = self._rows, self._width
+        heads, head = q.shape[1], q.shape[2]
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            grid = t.new_zeros((rows * width, t.shape[1], head))
+            grid[self._index] = t
+            return grid.view(rows, width, t.shape[1], head).transpose(1, 2)
+
+        mask = self._key_mask
+        if causal:
+            lower = torch.ones((width, width), dtype=torch.bool, device=q.device).tril()
+            mask = mask & lower
+        context = F.scaled_dot_product_attention(
+            padded(q), padded(k), padded(v), attn_mask=mask, enable_gqa=grouped
+        )
+        return context.transpose(1, 2).reshape(rows * width, heads * head)[self._index]
