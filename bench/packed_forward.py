@@ -1,7 +1,8 @@
 """The padded forward against the padding-free one, the model alone, on the same batches.
 
     python -m bench.packed_forward [--model qwen3|minilm] [--layers 4] [--threads 2]
-                                   [--inputs short|mixed] [--batch 32] [--batches 8]
+                                   [--inputs short|mixed|rerank] [--shared-prefix 0]
+                                   [--batch 32] [--batches 8]
                                    [--rounds 3] [--out FILE]
 
 ``qwen3``: a randomly initialised Qwen3 decoder with Qwen3-Embedding-0.6B's layer shape
@@ -9,10 +10,13 @@
 real model has 28; every layer costs the same, so the ratio holds). ``minilm``: the packaged
 all-MiniLM-L6-v2. The batches are random draws, in arrival order, of the benchmark's texts,
 as token counts (``short``: one short sentence, 10 to 25 tokens; ``mixed``: 16 to 512 tokens,
-at most the model's limit), with random ids: only the lengths matter to the time. Each round
-runs the padded forward (Hugging Face's), the padding-free forward with attention in blocks
-of one length (the CPU's default) and with attention padded (CUDA's), in turn. Prints
-tokens/s of each, and their ratios, a round at a time and the medians.
+at most the model's limit; ``rerank``: the rerank scenario's 100 documents), with random ids:
+only the lengths matter to the time. ``--shared-prefix N`` starts every row with the same N
+tokens, as a reranker's judging prompt and query do. Each round runs the padded forward
+(Hugging Face's), the padding-free forward with attention in blocks of one length (the CPU's
+default; for Qwen3 also without sharing a prefix) and with attention padded (CUDA's), in
+turn. Prints tokens/s of each, and each one's ratio to the padded, a round at a time and the
+medians.
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ from bench import texts as corpus
 Forward = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
-def _forwards(model: Any, packed: Callable[[bool], Any], pooling: str) -> dict[str, Forward]:
-    """Hugging Face's padded forward, and the padding-free one with attention in blocks of one
-    length and padded; ``packed(by_length)`` makes the padding-free forward."""
-    by_length, padded = packed(True), packed(False)
+def _forwards(model: Any, packed: dict[str, Any], pooling: str) -> dict[str, Forward]:
+    """Hugging Face's padded forward, then each padding-free one of ``packed``."""
+
+    def pooled(encoder: Any) -> Forward:
+        return lambda ids, mask: getattr(encoder(ids, mask), pooling)()
+
     return {
         "padded": lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state,
-        "by_length": lambda ids, mask: getattr(by_length(ids, mask), pooling)(),
-        "packed_padded": lambda ids, mask: getattr(padded(ids, mask), pooling)(),
+        **{name: pooled(encoder) for name, encoder in packed.items()},
     }
 
 
@@ -63,8 +68,12 @@ def _qwen3(layers: int) -> tuple[dict[str, Forward], int, int]:
     )
     torch.manual_seed(0)
     model = Qwen3Model(config).eval()  # type: ignore[no-untyped-call]
-    packed = _forwards(model, lambda by_length: PackedQwen3Decoder(model, by_length), "last")
-    return packed, config.vocab_size, 512
+    packed = {
+        "by_length": PackedQwen3Decoder(model, by_length=True),
+        "by_length_unshared": PackedQwen3Decoder(model, by_length=True, share_prefix=False),
+        "packed_padded": PackedQwen3Decoder(model, by_length=False),
+    }
+    return _forwards(model, packed, "last"), config.vocab_size, 512
 
 
 def _minilm() -> tuple[dict[str, Forward], int, int]:
@@ -74,21 +83,28 @@ def _minilm() -> tuple[dict[str, Forward], int, int]:
     from embedserve.service.models.packed_bert import PackedBertEncoder
 
     model = AutoModel.from_pretrained(str(corpus.model_folder())).eval()
-    packed = _forwards(model, lambda by_length: PackedBertEncoder(model, by_length), "mean")
-    return packed, model.config.vocab_size, 256
+    packed = {
+        "by_length": PackedBertEncoder(model, by_length=True),
+        "packed_padded": PackedBertEncoder(model, by_length=False),
+    }
+    return _forwards(model, packed, "mean"), model.config.vocab_size, 256
 
 
 def _batches(
-    inputs: str, batch: int, count: int, vocab: int, limit: int
+    inputs: str, batch: int, count: int, vocab: int, limit: int, prefix: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    texts = corpus.short_sentences(2000) if inputs == "short" else corpus.mixed_lengths(400)
-    lengths = [min(n, limit) for n in corpus.token_counts(texts)]
+    if inputs == "rerank":
+        texts = corpus.rerank_documents(100)[1]
+    else:
+        texts = corpus.short_sentences(2000) if inputs == "short" else corpus.mixed_lengths(400)
+    lengths = [min(prefix + n, limit) for n in corpus.token_counts(texts)]
     rng = random.Random(0)
     made = []
     for _ in range(count):
         drawn = rng.sample(lengths, batch)
         width = max(drawn)
         ids = torch.randint(1, vocab, (batch, width))
+        ids[:, :prefix] = ids[0, :prefix]
         mask = torch.zeros_like(ids)
         for row, length in enumerate(drawn):
             mask[row, :length] = 1
@@ -101,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("qwen3", "minilm"), default="qwen3")
     parser.add_argument("--layers", type=int, default=4, help="qwen3 only")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--inputs", choices=("short", "mixed"), default="short")
+    parser.add_argument("--inputs", choices=("short", "mixed", "rerank"), default="short")
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="tokens every row starts with (a reranker's prompt and query)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
@@ -109,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     forwards, vocab, limit = _qwen3(args.layers) if args.model == "qwen3" else _minilm()
-    batches = _batches(args.inputs, args.batch, args.batches, vocab, limit)
+    batches = _batches(args.inputs, args.batch, args.batches, vocab, limit, args.shared_prefix)
     tokens = sum(b[2] for b in batches)
     rounds: list[dict[str, float]] = []
     with torch.inference_mode():
@@ -122,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 for ids, mask, _ in batches:
                     forward(ids, mask)
                 row[name] = tokens / (time.perf_counter() - started)
-            row["by_length_vs_padded"] = row["by_length"] / row["padded"]
-            row["by_length_vs_packed_padded"] = row["by_length"] / row["packed_padded"]
+            row |= {f"{name}_vs_padded": row[name] / row["padded"] for name in list(row)[1:]}
             rounds.append(row)
             print(index, {k: round(v, 3 if "vs" in k else 0) for k, v in row.items()}, flush=True)
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}

@@ -17,6 +17,7 @@ from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
 from embedserve.service.models.packed_qwen3 import PackedQwen3Decoder
 from embedserve.service.models.packed_qwen3 import unsupported_reason as qwen3_unsupported_reason
+from embedserve.service.models.packing import MIN_SHARED_PREFIX, shared_prefix
 from embedserve.service.models.qwen3 import Qwen3Embedder, Qwen3Reranker
 from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
 from embedserve.service.models.tokenization import Truncation
@@ -256,3 +257,54 @@ def test_qwen3_padding_free_and_padded_adapters_agree(
         scores[padding_free] = torch.from_numpy(BatchRunner(reranker).run(pairs))
     torch.testing.assert_close(embeddings[True], embeddings[False], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores[True], scores[False], atol=1e-5, rtol=1e-5)
+
+
+def with_shared_prefix(
+    prefix: int, own_lengths: list[int], vocab: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch whose rows start with the same ``prefix`` tokens."""
+    ids, mask = right_padded([prefix + n for n in own_lengths], vocab, seed=seed)
+    ids[:, :prefix] = ids[0, :prefix]
+    return ids, mask
+
+
+@pytest.mark.parametrize("own_lengths", [[3, 17, 9, 1, 17, 12], [4, 4]], ids=["unequal", "equal"])
+def test_a_prefix_every_row_shares_is_computed_once_and_changes_nothing(
+    own_lengths: list[int],
+) -> None:
+    model = tiny_qwen3()
+    ids, mask = with_shared_prefix(20, own_lengths, model.config.vocab_size, seed=9)
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        shared = PackedQwen3Decoder(model)(ids, mask)
+        unshared = PackedQwen3Decoder(model, share_prefix=False)(ids, mask)
+    assert (shared.prefix, unshared.prefix) == (20, 0)
+    # The prefix's 20 tokens are held once, not once a row.
+    assert shared.hidden.shape[0] == 20 + sum(own_lengths)
+    torch.testing.assert_close(shared.last(), gather_last_token(hidden, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.mean(), mean_pool(hidden, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.first(), hidden[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.last(), unshared.last(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_shared_prefix_is_what_every_row_has_in_common_short_of_its_last_token() -> None:
+    vocab = 120
+    ids, mask = with_shared_prefix(12, [5, 1, 9], vocab, seed=3)
+    assert shared_prefix(ids, mask) == 12
+    ids[2, 7] = (ids[0, 7] + 1) % vocab  # one row departs at position 7
+    assert shared_prefix(ids, mask) == 7
+    same = ids[:1].repeat(3, 1)
+    assert shared_prefix(same, mask[:1].repeat(3, 1)) == int(mask[0].sum()) - 1
+    # Below MIN_SHARED_PREFIX it is not worth sharing: the rows are packed whole.
+    model = tiny_qwen3()
+    ids, mask = with_shared_prefix(MIN_SHARED_PREFIX - 1, [5, 9], model.config.vocab_size, 4)
+    with torch.inference_mode():
+        assert PackedQwen3Decoder(model)(ids, mask).prefix == 0
+
+
+def test_bert_never_shares_a_prefix() -> None:
+    """Its attention runs both ways: a prefix's states depend on what follows it."""
+    model = tiny_bert(seed=2)
+    ids, mask = with_shared_prefix(20, [3, 9], model.config.vocab_size, seed=2)
+    with torch.inference_mode():
+        assert PackedBertEncoder(model)(ids, mask).prefix == 0

@@ -47,13 +47,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class PackedQwen3Decoder:
     """Runs a Qwen3Model on the real tokens of a right-padded batch; its final hidden states."""
 
-    def __init__(self, model: Any, by_length: bool | None = None) -> None:
-        """``by_length``: see ``Packing``."""
+    def __init__(
+        self, model: Any, by_length: bool | None = None, share_prefix: bool = True
+    ) -> None:
+        """``by_length``, ``share_prefix``: see ``Packing``."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"cannot run packed: {reason}")
         self._model = model
         self._by_length = by_length
+        self._share_prefix = share_prefix
         config = model.config
         self._heads: int = config.num_attention_heads
         self._kv_heads: int = config.num_key_value_heads
@@ -61,7 +64,7 @@ class PackedQwen3Decoder:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
         model = self._model
-        packing = Packing(input_ids, attention_mask, self._by_length)
+        packing = Packing(input_ids, attention_mask, self._by_length, self._share_prefix)
         x = model.embed_tokens(packing.ids)
         # The model's own rotary module, over the widest position, then each token's row.
         width = int(packing.positions.max()) + 1

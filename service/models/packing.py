@@ -34,29 +34,31 @@ class PackedBatch:
     returns its rows in the batch's order.
     """
 
-    hidden: torch.Tensor  # [tokens, hidden]: the rows' tokens, row after row
-    lengths: torch.Tensor  # [rows]: real tokens a row, in packed order
+    hidden: torch.Tensor  # [tokens, hidden]: the shared prefix's tokens, then each row's
+    lengths: torch.Tensor  # [rows]: each row's own tokens (after the prefix), in packed order
     order: torch.Tensor | None = None  # [rows]: the batch row of each packed row; None: same
+    prefix: int = 0  # leading tokens every row shares, held once at the start of ``hidden``
 
     def mean(self) -> torch.Tensor:
-        """Mean over each row's tokens, accumulated in float32."""
+        """Mean over each row's tokens, the shared prefix included, accumulated in float32."""
         rows = self.lengths.shape[0]
-        sums = torch.zeros(
-            (rows, self.hidden.shape[1]), dtype=torch.float32, device=self.hidden.device
-        )
-        # The row each token belongs to.
+        sums = self.hidden[: self.prefix].float().sum(dim=0).expand(rows, -1).clone()
+        # The row each of the rows' own tokens belongs to.
         row_of_token = torch.arange(rows, device=self.hidden.device).repeat_interleave(self.lengths)
-        sums.index_add_(0, row_of_token, self.hidden.float())
-        return self._in_batch_order(sums / self.lengths.clamp(min=1).unsqueeze(1).float())
+        sums.index_add_(0, row_of_token, self.hidden[self.prefix :].float())
+        counts = (self.lengths + self.prefix).clamp(min=1).unsqueeze(1).float()
+        return self._in_batch_order(sums / counts)
 
     def first(self) -> torch.Tensor:
+        if self.prefix:
+            return self.hidden[:1].expand(self.lengths.shape[0], -1)
         return self._in_batch_order(self.hidden[self._starts()])
 
     def last(self) -> torch.Tensor:
         return self._in_batch_order(self.hidden[self._starts() + self.lengths - 1])
 
     def _starts(self) -> torch.Tensor:
-        return torch.cumsum(self.lengths, 0) - self.lengths
+        return torch.cumsum(self.lengths, 0) - self.lengths + self.prefix
 
     def _in_batch_order(self, rows: torch.Tensor) -> torch.Tensor:
         if self.order is None:
@@ -66,36 +68,71 @@ class PackedBatch:
         return unsorted
 
 
+# Below this many tokens a shared prefix saves less than its bookkeeping costs.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading tokens every row of a right-padded batch has in common, short of each
+    row's last token (every row keeps at least one of its own)."""
+    mask = attention_mask.bool()
+    same = ((input_ids == input_ids[:1]) & mask).all(dim=0)
+    common = int(same.int().cumprod(dim=0).sum())
+    return max(0, min(common, int(attention_mask.sum(dim=1).min()) - 1))
+
+
 class Packing:
     """The packed layout of one right-padded batch, and attention over it.
 
     ``by_length``: whether rows of unequal length attend in blocks of one length (None: on
     the CPU) or scattered into the padded layout around one masked SDPA (None: on CUDA).
+    ``share_prefix``: for causal models only, where a token never sees what follows it:
+    leading tokens that every row has in common (at least ``MIN_SHARED_PREFIX`` of them) are
+    packed and computed once, before the rows' own tokens, which attend to them. A batch of
+    Qwen3-Reranker pairs shares the judging prompt, and the instruction and query when they
+    are one call's; queries to Qwen3-Embedding share their instruction. In blocks of one
+    length only.
     """
 
     def __init__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, by_length: bool | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        by_length: bool | None,
+        share_prefix: bool = False,
     ) -> None:
         rows, width = input_ids.shape
         lengths = attention_mask.sum(dim=1)
         if by_length is None:
             by_length = input_ids.device.type == "cpu"
         by_length = by_length and rows > 1
+        prefix = shared_prefix(input_ids, attention_mask) if share_prefix and by_length else 0
+        if prefix < MIN_SHARED_PREFIX:
+            prefix = 0
         self.order: torch.Tensor | None = None
         if by_length:
             lengths, self.order = torch.sort(lengths, stable=True)
             input_ids, attention_mask = input_ids[self.order], attention_mask[self.order]
-        self.lengths = lengths
         mask = attention_mask.bool()
+        if prefix:
+            # Each row keeps its own tokens only; the prefix goes in once, from the first row.
+            mask = mask.clone()
+            mask[:, :prefix] = False
+            lengths = lengths - prefix
+        self.lengths = lengths
+        self.prefix = prefix
         # Right padding: every row is a prefix, so the row-major order of the real tokens
         # keeps each sequence contiguous and in order.
-        full = int(lengths.sum()) == rows * width
+        full = not prefix and int(lengths.sum()) == rows * width
         positions = torch.arange(width, device=input_ids.device).expand(rows, width).reshape(-1)
         ids = input_ids.reshape(-1)
         # The padded position of each real token (None: there is no padding).
         self._index = None if full else mask.reshape(-1).nonzero().squeeze(1)
         if self._index is not None:
             ids, positions = ids[self._index], positions[self._index]
+        if prefix:
+            ids = torch.cat([input_ids[0, :prefix], ids])
+            positions = torch.cat([positions.new_tensor(range(prefix)), positions])
         self.ids = ids  # [tokens]
         self.positions = positions  # [tokens]: each token's position in its sequence
         self._rows, self._width = rows, width
@@ -114,7 +151,7 @@ class Packing:
             ]
 
     def batch(self, hidden: torch.Tensor) -> PackedBatch:
-        return PackedBatch(hidden, self.lengths, self.order)
+        return PackedBatch(hidden, self.lengths, self.order, self.prefix)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -124,6 +161,10 @@ class Packing:
         within its own sequence; the context as ``[tokens, heads * head]``."""
         _, heads, head = q.shape
         grouped = k.shape[1] != heads
+        if self.prefix:
+            if not causal:
+                raise ValueError("a shared prefix needs causal attention")
+            return self._attend_after_prefix(q, k, v, grouped)
         if self._blocks is not None:
             contexts = []
             start = 0
@@ -140,6 +181,40 @@ class Packing:
                 start = end
             return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
         return self._attend_padded(q, k, v, causal, grouped)
+
+    def _attend_after_prefix(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool
+    ) -> torch.Tensor:
+        """The prefix attends to itself; each block of rows to the prefix and to itself."""
+        assert self._blocks is not None
+        prefix, heads, head = self.prefix, q.shape[1], q.shape[2]
+        prefix_q, prefix_k, prefix_v = (t[:prefix].unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+        context = F.scaled_dot_product_attention(
+            prefix_q, prefix_k, prefix_v, is_causal=True, enable_gqa=grouped
+        )
+        contexts = [context.transpose(1, 2).reshape(prefix, heads * head)]
+        start = prefix
+        for rows, length in self._blocks:
+            end = start + rows * length
+            block_q = q[start:end].view(rows, length, heads, head).transpose(1, 2)
+            block_k, block_v = (
+                torch.cat(
+                    [
+                        shared.expand(rows, -1, -1, -1),
+                        t[start:end].view(rows, length, t.shape[1], head).transpose(1, 2),
+                    ],
+                    dim=2,
+                )
+                for shared, t in ((prefix_k, k), (prefix_v, v))
+            )
+            # Token i of a row sees the whole prefix and its row's tokens up to i.
+            sees = torch.ones((length, prefix + length), dtype=torch.bool, device=q.device)
+            context = F.scaled_dot_product_attention(
+                block_q, block_k, block_v, attn_mask=sees.tril(diagonal=prefix), enable_gqa=grouped
+            )
+            contexts.append(context.transpose(1, 2).reshape(end - start, heads * head))
+            start = end
+        return torch.cat(contexts)
 
     def _attend_padded(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, grouped: bool
