@@ -363,7 +363,9 @@ def test_calls_past_the_expected_wait_are_refused_at_once(qwen3_embedding_folder
             error = rejection_of(second)
             assert isinstance(error, grpc.Call)
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "ms of work (limit 1 ms)" in (error.details() or "")
+            # The limit is 1 ms, or 3x the call's own work when that is longer, which
+            # depends on the rate this machine measured.
+            assert "ms of work (limit " in (error.details() or "")
             status = rpc_status.from_call(error)
             assert status is not None
             assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)

@@ -275,10 +275,11 @@ class Engine:
         if ahead <= allowed:
             return None
         limit = f"limit {allowed * 1000:.0f} ms"
-        if allowed > max_delay:
+        if round(allowed * 1000) > round(max_delay * 1000):
             # The bound a reader configured is not the one applied: say where this one is from.
             takes = "may take" if at_most else "takes"
-            limit += f": {QUEUE_WAIT_PER_OWN_WORK:g}x the {own * 1000:.0f} ms this call {takes}"
+            own_ms = f"{own * 1000:.0f}" if own >= 0.01 else f"{own * 1000:.1f}"
+            limit += f": {QUEUE_WAIT_PER_OWN_WORK:g}x the {own_ms} ms this call {takes}"
         return f"the {Lane.INTERACTIVE.value} queue is {ahead * 1000:.0f} ms of work ({limit})"
 
     async def tokenize(self, job: Callable[[], T], chars: int | None = None) -> tuple[T, float]:
