@@ -81,6 +81,16 @@ def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     return max(0, min(common, int(attention_mask.sum(dim=1).min()) - 1))
 
 
+def _blocks_of_one_length(sorted_lengths: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, length) of each run of equal lengths; rows with no tokens attend to nothing."""
+    lengths, rows = torch.unique_consecutive(sorted_lengths, return_counts=True)
+    return [
+        (count, length)
+        for length, count in zip(lengths.tolist(), rows.tolist(), strict=True)
+        if length
+    ]
+
+
 class Packing:
     """The packed layout of one right-padded batch, and attention over it.
 
@@ -121,8 +131,8 @@ class Packing:
             lengths = lengths - prefix
         self.lengths = lengths
         self.prefix = prefix
-        # Right padding: every row is a prefix, so the row-major order of the real tokens
-        # keeps each sequence contiguous and in order.
+        # Right padding: each row's real tokens come first, so their row-major order keeps
+        # each sequence contiguous and in order.
         full = not prefix and int(lengths.sum()) == rows * width
         positions = torch.arange(width, device=input_ids.device).expand(rows, width).reshape(-1)
         ids = input_ids.reshape(-1)
@@ -132,23 +142,17 @@ class Packing:
             ids, positions = ids[self._index], positions[self._index]
         if prefix:
             ids = torch.cat([input_ids[0, :prefix], ids])
-            positions = torch.cat([positions.new_tensor(range(prefix)), positions])
+            positions = torch.cat([torch.arange(prefix, device=positions.device), positions])
         self.ids = ids  # [tokens]
         self.positions = positions  # [tokens]: each token's position in its sequence
         self._rows, self._width = rows, width
         self._key_mask = mask[:, None, None, :]
-        self._blocks: list[tuple[int, int]] | None = None  # (rows, length), in packed order
+        # (rows, length) of each block of rows of one length, in packed order; None: padded.
+        self._blocks: list[tuple[int, int]] | None = None
         if self._index is None:
             self._blocks = [(rows, width)]
         elif by_length:
-            lengths_of_runs, rows_of_runs = torch.unique_consecutive(lengths, return_counts=True)
-            self._blocks = [
-                (run_rows, length)
-                for length, run_rows in zip(
-                    lengths_of_runs.tolist(), rows_of_runs.tolist(), strict=True
-                )
-                if length  # an empty row has no tokens to attend
-            ]
+            self._blocks = _blocks_of_one_length(lengths)
 
     def batch(self, hidden: torch.Tensor) -> PackedBatch:
         return PackedBatch(hidden, self.lengths, self.order, self.prefix)
