@@ -66,8 +66,8 @@ class PackedQwen3Decoder:
         model = self._model
         packing = Packing(input_ids, attention_mask, self._by_length, self._share_prefix)
         x = model.embed_tokens(packing.ids)
-        # The model's own rotary module, over the widest position, then each token's row.
-        width = int(packing.positions.max()) + 1
+        # The model's own rotary module, over the batch's width, then each token's row.
+        width = input_ids.shape[1]
         cos, sin = model.rotary_emb(x, torch.arange(width, device=x.device).unsqueeze(0))
         cos, sin = cos[0][packing.positions].unsqueeze(1), sin[0][packing.positions].unsqueeze(1)
         for layer in model.layers[: model.config.num_hidden_layers]:

@@ -165,60 +165,44 @@ class Packing:
         within its own sequence; the context as ``[tokens, heads * head]``."""
         _, heads, head = q.shape
         grouped = k.shape[1] != heads
-        if self.prefix:
-            if not causal:
-                raise ValueError("a shared prefix needs causal attention")
-            return self._attend_after_prefix(q, k, v, grouped)
-        if self._blocks is not None:
-            contexts = []
-            start = 0
-            for rows, length in self._blocks:
-                end = start + rows * length
-                block_q, block_k, block_v = (
-                    t[start:end].view(rows, length, t.shape[1], head).transpose(1, 2)
-                    for t in (q, k, v)
-                )
-                context = F.scaled_dot_product_attention(
-                    block_q, block_k, block_v, is_causal=causal, enable_gqa=grouped
-                )
-                contexts.append(context.transpose(1, 2).reshape(end - start, heads * head))
-                start = end
-            return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
-        return self._attend_padded(q, k, v, causal, grouped)
-
-    def _attend_after_prefix(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool
-    ) -> torch.Tensor:
-        """The prefix attends to itself; each block of rows to the prefix and to itself."""
-        assert self._blocks is not None
-        prefix, heads, head = self.prefix, q.shape[1], q.shape[2]
-        prefix_q, prefix_k, prefix_v = (t[:prefix].unsqueeze(0).transpose(1, 2) for t in (q, k, v))
-        context = F.scaled_dot_product_attention(
-            prefix_q, prefix_k, prefix_v, is_causal=True, enable_gqa=grouped
-        )
-        contexts = [context.transpose(1, 2).reshape(prefix, heads * head)]
-        start = prefix
-        for rows, length in self._blocks:
+        if self.prefix and not causal:
+            raise ValueError("a shared prefix needs causal attention")
+        if self._blocks is None:
+            return self._attend_padded(q, k, v, causal, grouped)
+        # A shared prefix is the first block: one row, attending to itself. Every later
+        # block attends to the prefix's keys and values as well as its own.
+        blocks = ([(1, self.prefix)] if self.prefix else []) + self._blocks
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        contexts = []
+        start = 0
+        for rows, length in blocks:
             end = start + rows * length
-            block_q = q[start:end].view(rows, length, heads, head).transpose(1, 2)
-            block_k, block_v = (
-                torch.cat(
-                    [
-                        shared.expand(rows, -1, -1, -1),
-                        t[start:end].view(rows, length, t.shape[1], head).transpose(1, 2),
-                    ],
-                    dim=2,
-                )
-                for shared, t in ((prefix_k, k), (prefix_v, v))
+            block_q, block_k, block_v = (
+                t[start:end].view(rows, length, t.shape[1], head).transpose(1, 2) for t in (q, k, v)
             )
-            # Token i of a row sees the whole prefix and its row's tokens up to i.
-            sees = torch.ones((length, prefix + length), dtype=torch.bool, device=q.device)
+            sees = None
+            if shared is not None:
+                block_k, block_v = (
+                    torch.cat([prefix_part.expand(rows, -1, -1, -1), own], dim=2)
+                    for prefix_part, own in zip(shared, (block_k, block_v), strict=True)
+                )
+                # Token i of a row sees the whole prefix and its row's tokens up to i.
+                width = self.prefix + length
+                sees = torch.ones((length, width), dtype=torch.bool, device=q.device)
+                sees = sees.tril(diagonal=self.prefix)
+            elif self.prefix:
+                shared = (block_k, block_v)
             context = F.scaled_dot_product_attention(
-                block_q, block_k, block_v, attn_mask=sees.tril(diagonal=prefix), enable_gqa=grouped
+                block_q,
+                block_k,
+                block_v,
+                attn_mask=sees,
+                is_causal=causal and sees is None,
+                enable_gqa=grouped,
             )
             contexts.append(context.transpose(1, 2).reshape(end - start, heads * head))
             start = end
-        return torch.cat(contexts)
+        return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
 
     def _attend_padded(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, grouped: bool

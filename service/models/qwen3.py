@@ -170,10 +170,10 @@ class Qwen3Reranker(RerankerAdapter):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
-            last = self._packed(input_ids, attention_mask).last().float()
-            return torch.sigmoid(last @ self._yes_minus_no)
-        hidden = self._backbone(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
-        last = gather_last_token(hidden, attention_mask).float()
-        return torch.sigmoid(last @ self._yes_minus_no)
+            last = self._packed(input_ids, attention_mask).last()
+        else:
+            hidden = self._backbone(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            last = gather_last_token(hidden, attention_mask)
+        return torch.sigmoid(last.float() @ self._yes_minus_no)
