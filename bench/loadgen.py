@@ -36,8 +36,9 @@ import grpc
 
 from bench import texts as corpus
 from bench.stats import summary_ms
-from embedserve.client.errors import from_rpc_error
-from embedserve.client.retry import RetryPolicy
+from embedserve.client.aio import AsyncClient, EncodingName
+from embedserve.client.errors import EmbedServeError, from_rpc_error
+from embedserve.client.retry import NO_RETRY, RetryPolicy
 from embedserve.v1 import (
     common_pb2,
     embed_service_pb2,
@@ -50,6 +51,8 @@ ENCODINGS = {
     "bytes": common_pb2.ENCODING_FLOAT32_BYTES,
     "float32": common_pb2.ENCODING_FLOAT32,
 }
+# A coalescing client's merged calls: the server's default batch size.
+COALESCE_MAX_INPUTS = 64
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -89,6 +92,9 @@ class LoadSpec:
     # exponential backoff with full jitter, the RetryInfo delay as a floor, 4 attempts);
     # False sends its next call at once (the worst case for the server).
     client_retries: bool = False
+    # Unary embeds through the Python client with ``coalesce=True`` (its own retries off):
+    # the callers of one process that call at the same time share one Embed call.
+    coalesce: bool = False
 
     def split(self, parts: int) -> list[LoadSpec]:
         """This load shared by ``parts`` processes (callers, rate and seeds divided)."""
@@ -252,6 +258,24 @@ def _grpc_calls(spec: LoadSpec, channels: list[grpc.aio.Channel]) -> list[Call]:
     return calls
 
 
+def _coalescing_calls(spec: LoadSpec, clients: list[AsyncClient]) -> list[Call]:
+    texts = [list(request.inputs) for request in _payloads(spec)]
+    encoding: EncodingName = "float32_bytes" if spec.encoding == "bytes" else "float32"
+    calls: list[Call] = []
+    for client in clients:
+
+        async def call(n: int, client: AsyncClient = client) -> Answer:
+            try:
+                result = await client.embed(texts[n % len(texts)], encoding=encoding)
+            except EmbedServeError as exc:
+                return Answer(exc.code.name, retry_after=exc.retry_after or 0.0)
+            usage = result.usage
+            return Answer("OK", usage.inputs, usage.input_tokens, usage.cached_inputs)
+
+        calls.append(call)
+    return calls
+
+
 class _HttpConnection:
     """A minimal HTTP/1.1 keep-alive client: one request at a time on one connection."""
 
@@ -392,6 +416,7 @@ async def run_spec(spec: LoadSpec, start_at: float | None = None) -> dict[str, A
     """Run one load in this process; returns the raw result (see ``finish``)."""
     channels: list[grpc.aio.Channel] = []
     connections: list[_HttpConnection] = []
+    clients: list[AsyncClient] = []
     if spec.protocol == "http":
         count = spec.concurrency if spec.mode == "closed" else min(256, spec.max_outstanding)
         calls, connections = _http_calls(spec, count)
@@ -402,15 +427,29 @@ async def run_spec(spec: LoadSpec, start_at: float | None = None) -> dict[str, A
         targets = spec.target.split(",")
         n_channels = spec.channels or max(len(targets), math.ceil(spec.concurrency / 32))
         n_channels = -(-n_channels // len(targets)) * len(targets)
-        channels = [
-            grpc.aio.insecure_channel(
-                targets[i % len(targets)], options=[*CHANNEL_OPTIONS, ("bench.ch", i)]
-            )
-            for i in range(n_channels)
-        ]
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), 30)
-        calls = _grpc_calls(spec, channels)
+        if spec.coalesce:
+            clients = [
+                AsyncClient(
+                    targets[i % len(targets)],
+                    timeout=spec.deadline,
+                    retry=NO_RETRY,
+                    channel_options=[*CHANNEL_OPTIONS, ("bench.ch", i)],
+                    coalesce=True,
+                    coalesce_max_inputs=COALESCE_MAX_INPUTS,
+                )
+                for i in range(n_channels)
+            ]
+            calls = _coalescing_calls(spec, clients)
+        else:
+            channels = [
+                grpc.aio.insecure_channel(
+                    targets[i % len(targets)], options=[*CHANNEL_OPTIONS, ("bench.ch", i)]
+                )
+                for i in range(n_channels)
+            ]
+            for channel in channels:
+                await asyncio.wait_for(channel.channel_ready(), 30)
+            calls = _grpc_calls(spec, channels)
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.time()))
     loop = asyncio.get_running_loop()
@@ -427,6 +466,8 @@ async def run_spec(spec: LoadSpec, start_at: float | None = None) -> dict[str, A
             await channel.close(grace=None)
         for conn in connections:
             await conn.close()
+        for client in clients:
+            await client.close()
     return {
         "spec": asdict(spec),
         "ok": rec.ok,
@@ -649,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument(
         "--client-retries", action="store_true", help="retry refusals as the Python client does"
     )
+    quick.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="embed through the Python client with coalesce=True (concurrent calls merged)",
+    )
     args = parser.parse_args(argv)
     if args.command == "load":
         spec = LoadSpec(**json.loads(args.spec))
@@ -672,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=args.protocol,
         http_model=args.http_model,
         client_retries=args.client_retries,
+        coalesce=args.coalesce,
     )
     result = run_load(spec, args.procs)
     result.pop("raw_ok_s", None)

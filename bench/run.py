@@ -405,6 +405,13 @@ class Suite:
             row["embedserve_c64"] = self.load(
                 f"round {r} embedserve c=64", self.spec(target, concurrency=64), es
             )
+            # The same 64 single-text callers through the Python client with coalesce=True:
+            # the calls each process's callers make at once become one Embed call.
+            row["embedserve_c64_coalesce"] = self.load(
+                f"round {r} embedserve c=64, coalescing client",
+                self.spec(target, concurrency=64, coalesce=True),
+                es,
+            )
             if naive is not None:
                 row["naive_c64"] = self.load(
                     f"round {r} naive c=64", self.spec(naive.address, concurrency=64), naive

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
+from embedserve.client.coalesce import Coalescer
 from embedserve.client.errors import BulkItemError, EmbedServeError, from_rpc_error, from_status
 from embedserve.client.results import (
     Embeddings,
@@ -67,6 +68,7 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
 )
 _UNSET: Any = object()
+_EMBED = "embedserve.v1.EmbedService/Embed"
 _INPUT_FIELD = re.compile(r"^request\.inputs\[(\d+)\]$")
 
 
@@ -128,6 +130,11 @@ class AsyncClient:
         channel_options: extra gRPC channel options (keepalive, message sizes, ...).
         retry: the retry policy for unary calls and for reopening bulk streams.
         defaults: default embedding options for every call.
+        coalesce: merge ``embed`` calls made at the same time with the same options and
+            timeout into one call of up to ``coalesce_max_inputs`` texts (see
+            ``embedserve.client.coalesce``). For services that embed a text or two a request,
+            many requests at a time: the server pays its per-call cost once a merged call.
+            Needs a server that reports usage an input (`Embedding.input_tokens`).
     """
 
     def __init__(
@@ -144,7 +151,13 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         defaults: EmbedOptions | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        coalesce: bool = False,
+        coalesce_max_inputs: int = 64,
     ) -> None:
+        # First: a bad coalesce_max_inputs fails before a channel exists.
+        self._coalescer = (
+            Coalescer(self._send_merged_embed, coalesce_max_inputs) if coalesce else None
+        )
         options = [*DEFAULT_CHANNEL_OPTIONS, *channel_options]
         if tls or root_certificates is not None or private_key is not None:
             credentials = channel_credentials(root_certificates, private_key, certificate_chain)
@@ -172,6 +185,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._coalescer is not None:
+            await self._coalescer.close()
         await self._channel.close(grace=None)
 
     # -- unary calls -----------------------------------------------------------------
@@ -185,11 +200,32 @@ class AsyncClient:
     ) -> Embeddings:
         """Embed ``texts`` in one call. ``options`` override the client's EmbedOptions
         (model, instruction, input_type, dimensions, normalize, encoding, truncation)."""
-        request = self._options(options).request(list(texts))
+        chosen = self._options(options)
+        if self._coalescer is not None:
+            deadline = self.timeout if timeout is _UNSET else timeout
+            return await self._coalescer.embed(
+                (chosen, deadline), chosen.request, list(texts), deadline
+            )
         response = await self._unary(
-            "embedserve.v1.EmbedService/Embed", self._embed.Embed, request, timeout
+            _EMBED, self._embed.Embed, chosen.request(list(texts)), timeout
         )
         return decode_embeddings(response)
+
+    async def _send_merged_embed(
+        self,
+        request: embed_service_pb2.EmbedRequest,
+        timeout: float | None,
+        calls: int,
+        links: Sequence[trace.Link],
+    ) -> embed_service_pb2.EmbedResponse:
+        return await self._unary(
+            _EMBED,
+            self._embed.Embed,
+            request,
+            timeout,
+            links=links,
+            attributes={"embedserve.client.merged_calls": calls},
+        )
 
     async def rerank(
         self,
@@ -239,9 +275,15 @@ class AsyncClient:
         method: Callable[..., Awaitable[T]],
         request: Any,
         timeout: float | None,
+        *,
+        links: Sequence[trace.Link] = (),
+        attributes: dict[str, int] | None = None,
     ) -> T:
         with self._tracer.start_as_current_span(
-            rpc, kind=SpanKind.CLIENT, attributes=_rpc_attributes(rpc)
+            rpc,
+            kind=SpanKind.CLIENT,
+            attributes={**_rpc_attributes(rpc), **(attributes or {})},
+            links=links,
         ) as span:
             metadata = self._traced_metadata(span)
             try:

@@ -49,6 +49,30 @@ class EmbedServeError(Exception):
         self.domain = domain
         self.metadata: Mapping[str, str] = dict(metadata or {})
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions copy and pickle through their args, which here is only the text.
+        return (
+            _rebuild,
+            (
+                type(self),
+                self.code,
+                self.message,
+                {
+                    "violations": self.violations,
+                    "reason": self.reason,
+                    "retry_after": self.retry_after,
+                    "domain": self.domain,
+                    "metadata": dict(self.metadata),
+                },
+            ),
+        )
+
+
+def _rebuild(
+    cls: type[EmbedServeError], code: grpc.StatusCode, message: str, fields: dict[str, Any]
+) -> EmbedServeError:
+    return cls(code, message, **fields)
+
 
 class InvalidArgumentError(EmbedServeError):
     """The request is wrong; ``violations`` name the fields. Never retried."""

@@ -55,6 +55,11 @@ class Outcome:
     inference_s: float
     # Inputs answered from the embedding cache, without tokenizing or computing them.
     cached_inputs: int = 0
+    # The same accounting an input, in input order (embeddings only: a caller that merged
+    # several callers' texts into one request splits the usage back with these).
+    tokens_each: Sequence[int] = ()
+    truncated_each: Sequence[bool] = ()
+    cached_each: Sequence[bool] = ()
 
 
 async def _tokenize(
@@ -86,6 +91,8 @@ async def _run(
     engine: Engine, tokenized: list[TokenizedInput], tokenize_s: float, scheduling: Scheduling
 ) -> Outcome:
     ids = [t.ids for t in tokenized]
+    tokens_each = [len(s) for s in ids]
+    truncated_each = [t.truncated for t in tokenized]
     result = await engine.compute(
         ids,
         scheduling.lane,
@@ -95,11 +102,13 @@ async def _run(
     )
     return Outcome(
         values=result.outputs,
-        input_tokens=sum(len(s) for s in ids),
-        truncated_inputs=sum(t.truncated for t in tokenized),
+        input_tokens=sum(tokens_each),
+        truncated_inputs=sum(truncated_each),
         tokenize_s=tokenize_s,
         queue_s=result.queue_s,
         inference_s=result.inference_s,
+        tokens_each=tokens_each,
+        truncated_each=truncated_each,
     )
 
 
@@ -186,23 +195,28 @@ class EmbeddingModel:
                 computed.append((distinct[slot], entry))
             cache.store(computed)
         values = np.empty((len(texts), self.adapter.dimensions), dtype=np.float32)
-        input_tokens = truncated_inputs = cached_inputs = 0
+        tokens_each: list[int] = []
+        truncated_each: list[bool] = []
+        cached_each: list[bool] = []
         fresh = set(missing)
         for index, slot in enumerate(slots):
             answer = found[slot]
             assert answer is not None
             values[index] = answer.vector
-            input_tokens += answer.tokens
-            truncated_inputs += answer.truncated
-            cached_inputs += slot not in fresh
+            tokens_each.append(answer.tokens)
+            truncated_each.append(bool(answer.truncated))
+            cached_each.append(slot not in fresh)
         return Outcome(
             values=values,
-            input_tokens=input_tokens,
-            truncated_inputs=truncated_inputs,
+            input_tokens=sum(tokens_each),
+            truncated_inputs=sum(truncated_each),
             tokenize_s=tokenize_s,
             queue_s=queue_s,
             inference_s=inference_s,
-            cached_inputs=cached_inputs,
+            cached_inputs=sum(cached_each),
+            tokens_each=tokens_each,
+            truncated_each=truncated_each,
+            cached_each=cached_each,
         )
 
 

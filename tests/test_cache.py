@@ -213,6 +213,12 @@ def test_a_repeat_is_served_from_memory_for_every_dimension_and_encoding(
     assert bytes_vectors(again).tobytes() == bytes_vectors(first).tobytes()  # bit for bit
     assert again.usage.input_tokens == first.usage.input_tokens
     assert (again.usage.inputs, again.usage.truncated_inputs) == (2, 0)
+    # Each input's own share, on its embedding.
+    assert [e.cached for e in first.embeddings] == [False, False]
+    assert [e.cached for e in again.embeddings] == [True, True]
+    tokens_each = [e.input_tokens for e in first.embeddings]
+    assert [e.input_tokens for e in again.embeddings] == tokens_each
+    assert sum(tokens_each) == first.usage.input_tokens and tokens_each[0] != tokens_each[1]
     for part in (again.timing.tokenization, again.timing.queue, again.timing.inference):
         assert part.ToNanoseconds() == 0
 
@@ -238,6 +244,7 @@ def test_instruction_and_truncation_are_part_of_the_key(cached: InProcessServer)
     text = " ".join(f"w{i}" for i in range(400))  # longer than MiniLM's 256 tokens
     end = embed(cached, [text])
     assert (end.usage.cached_inputs, end.usage.truncated_inputs) == (0, 1)
+    assert end.embeddings[0].truncated and end.embeddings[0].input_tokens == 256
     start = embed(cached, [text], truncation=common_pb2.TRUNCATION_POLICY_START)
     assert start.usage.cached_inputs == 0
     query = embed(cached, [text], instruction="query: ")
@@ -254,6 +261,8 @@ def test_instruction_and_truncation_are_part_of_the_key(cached: InProcessServer)
         assert bytes_vectors(repeat).tobytes() == bytes_vectors(response).tobytes()
         assert repeat.usage.truncated_inputs == 1
         assert repeat.usage.input_tokens == response.usage.input_tokens == 256
+        first = repeat.embeddings[0]
+        assert (first.cached, first.truncated, first.input_tokens) == (True, True, 256)
 
 
 def test_mixed_requests_keep_input_order(

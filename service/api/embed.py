@@ -12,7 +12,12 @@ from opentelemetry import trace
 from embedserve.service import faults
 from embedserve.service.api import calls
 from embedserve.service.api.calls import Context
-from embedserve.service.api.encoding import duration, encode_vectors, finish_vectors
+from embedserve.service.api.encoding import (
+    account_each,
+    duration,
+    encode_vectors,
+    finish_vectors,
+)
 from embedserve.service.api.errors import FieldViolation, invalid_argument, model_not_found
 from embedserve.service.api.validation import embed_options
 from embedserve.service.engine.work import Lane
@@ -111,7 +116,7 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         vectors = finish_vectors(outcome.values, options.dimensions, options.normalize)
         return embed_service_pb2.EmbedResponse(
             model=model.name,
-            embeddings=encode_vectors(vectors, options.encoding),
+            embeddings=account_each(encode_vectors(vectors, options.encoding), outcome),
             usage=common_pb2.Usage(
                 input_tokens=outcome.input_tokens,
                 inputs=len(request.inputs),

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbedserve/v1/common.proto\x12\rembedserve.v1\x1a\x1egoogle/protobuf/duration.proto\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x0e\n\x06inputs\x18\x02 \x01(\r\x12\x18\n\x10truncated_inputs\x18\x03 \x01(\r\x12\x15\n\rcached_inputs\x18\x04 \x01(\r\"\xbb\x01\n\x06Timing\x12/\n\x0ctokenization\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05queue\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tinference\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xae\x01\n\tEmbedding\x12-\n\x07\x66loat32\x18\x01 \x01(\x0b\x32\x1a.embedserve.v1.FloatVectorH\x00\x12\x17\n\rfloat32_bytes\x18\x02 \x01(\x0cH\x00\x12)\n\x04int8\x18\x03 \x01(\x0b\x32\x19.embedserve.v1.Int8VectorH\x00\x12\x10\n\x06\x62inary\x18\x04 \x01(\x0cH\x00\x12\x12\n\ndimensions\x18\x05 \x01(\rB\x08\n\x06vector\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"+\n\nInt8Vector\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\r\n\x05scale\x18\x02 \x01(\x02*\x8a\x01\n\x10TruncationPolicy\x12!\n\x1dTRUNCATION_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRUNCATION_POLICY_ERROR\x10\x01\x12\x19\n\x15TRUNCATION_POLICY_END\x10\x02\x12\x1b\n\x17TRUNCATION_POLICY_START\x10\x03*~\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x1a\n\x16\x45NCODING_FLOAT32_BYTES\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x13\n\x0f\x45NCODING_BINARY\x10\x04*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbedserve/v1/common.proto\x12\rembedserve.v1\x1a\x1egoogle/protobuf/duration.proto\"^\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x0e\n\x06inputs\x18\x02 \x01(\r\x12\x18\n\x10truncated_inputs\x18\x03 \x01(\r\x12\x15\n\rcached_inputs\x18\x04 \x01(\r\"\xbb\x01\n\x06Timing\x12/\n\x0ctokenization\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05queue\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tinference\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe7\x01\n\tEmbedding\x12-\n\x07\x66loat32\x18\x01 \x01(\x0b\x32\x1a.embedserve.v1.FloatVectorH\x00\x12\x17\n\rfloat32_bytes\x18\x02 \x01(\x0cH\x00\x12)\n\x04int8\x18\x03 \x01(\x0b\x32\x19.embedserve.v1.Int8VectorH\x00\x12\x10\n\x06\x62inary\x18\x04 \x01(\x0cH\x00\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\r\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x42\x08\n\x06vector\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"+\n\nInt8Vector\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\r\n\x05scale\x18\x02 \x01(\x02*\x8a\x01\n\x10TruncationPolicy\x12!\n\x1dTRUNCATION_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRUNCATION_POLICY_ERROR\x10\x01\x12\x19\n\x15TRUNCATION_POLICY_END\x10\x02\x12\x1b\n\x17TRUNCATION_POLICY_START\x10\x03*~\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x1a\n\x16\x45NCODING_FLOAT32_BYTES\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x13\n\x0f\x45NCODING_BINARY\x10\x04*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATIONPOLICY']._serialized_start=617
-  _globals['_TRUNCATIONPOLICY']._serialized_end=755
-  _globals['_ENCODING']._serialized_start=757
-  _globals['_ENCODING']._serialized_end=883
-  _globals['_PRIORITY']._serialized_start=885
-  _globals['_PRIORITY']._serialized_end=966
+  _globals['_TRUNCATIONPOLICY']._serialized_start=674
+  _globals['_TRUNCATIONPOLICY']._serialized_end=812
+  _globals['_ENCODING']._serialized_start=814
+  _globals['_ENCODING']._serialized_end=940
+  _globals['_PRIORITY']._serialized_start=942
+  _globals['_PRIORITY']._serialized_end=1023
   _globals['_USAGE']._serialized_start=77
   _globals['_USAGE']._serialized_end=171
   _globals['_TIMING']._serialized_start=174
   _globals['_TIMING']._serialized_end=361
   _globals['_EMBEDDING']._serialized_start=364
-  _globals['_EMBEDDING']._serialized_end=538
-  _globals['_FLOATVECTOR']._serialized_start=540
-  _globals['_FLOATVECTOR']._serialized_end=569
-  _globals['_INT8VECTOR']._serialized_start=571
-  _globals['_INT8VECTOR']._serialized_end=614
+  _globals['_EMBEDDING']._serialized_end=595
+  _globals['_FLOATVECTOR']._serialized_start=597
+  _globals['_FLOATVECTOR']._serialized_end=626
+  _globals['_INT8VECTOR']._serialized_start=628
+  _globals['_INT8VECTOR']._serialized_end=671
 # @@protoc_insertion_point(module_scope)

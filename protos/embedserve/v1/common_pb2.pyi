@@ -210,12 +210,23 @@ class Embedding(_message.Message):
     INT8_FIELD_NUMBER: _builtins.int
     BINARY_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     float32_bytes: _builtins.bytes
     """ENCODING_FLOAT32_BYTES: 4 * dimensions bytes."""
     binary: _builtins.bytes
     """ENCODING_BINARY: ceil(dimensions / 8) bytes."""
     dimensions: _builtins.int
     """Number of dimensions of the vector (needed to unpack the binary form)."""
+    input_tokens: _builtins.int
+    """This input's share of Usage: the tokens fed to the model for it (after templates and
+    truncation; for a cached input, the tokens it had when it was computed).
+    """
+    truncated: _builtins.bool
+    """This input was truncated to fit the model."""
+    cached: _builtins.bool
+    """This input was answered from the server's embedding cache."""
     @_builtins.property
     def float32(self) -> Global___FloatVector:
         """ENCODING_FLOAT32."""
@@ -232,10 +243,13 @@ class Embedding(_message.Message):
         int8: Global___Int8Vector | None = ...,
         binary: _builtins.bytes = ...,
         dimensions: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "float32", b"float32", "float32_bytes", b"float32_bytes", "int8", b"int8", "vector", b"vector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "dimensions", b"dimensions", "float32", b"float32", "float32_bytes", b"float32_bytes", "int8", b"int8", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "cached", b"cached", "dimensions", b"dimensions", "float32", b"float32", "float32_bytes", b"float32_bytes", "input_tokens", b"input_tokens", "int8", b"int8", "truncated", b"truncated", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_vector: _TypeAlias = _typing.Literal["float32", "float32_bytes", "int8", "binary"]  # noqa: Y015
     _WhichOneofArgType_vector: _TypeAlias = _typing.Literal["vector", b"vector"]  # noqa: Y015
