@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from embedserve.client.errors import EmbedServeError, InvalidArgumentError
-from embedserve.client.results import Embeddings, Timing, Usage, decode_embeddings
+from embedserve.client.results import Embeddings, Usage, decode_embeddings
 from embedserve.v1 import common_pb2, embed_service_pb2
 
 # Sends one Embed request with a timeout, for this many callers, under span links to those
@@ -170,7 +170,6 @@ def _fail(caller: _Caller, error: BaseException) -> None:
 
 def _answer(callers: list[_Caller], response: embed_service_pb2.EmbedResponse) -> None:
     merged = decode_embeddings(response)
-    timing = Timing.from_proto(response.timing)
     start = 0
     for caller in callers:
         end = start + len(caller.texts)
@@ -181,7 +180,7 @@ def _answer(callers: list[_Caller], response: embed_service_pb2.EmbedResponse) -
                     dimensions=merged.dimensions,
                     model=merged.model,
                     usage=_usage(response.embeddings[start:end]),
-                    timing=timing,
+                    timing=merged.timing,
                     scales=None if merged.scales is None else merged.scales[start:end].copy(),
                 )
             )

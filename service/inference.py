@@ -109,6 +109,7 @@ async def _run(
         inference_s=result.inference_s,
         tokens_each=tokens_each,
         truncated_each=truncated_each,
+        cached_each=[False] * len(ids),
     )
 
 

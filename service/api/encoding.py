@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,15 +53,12 @@ def account_each(
 ) -> list[common_pb2.Embedding]:
     """Each input's share of the usage on its own embedding, so that a client that merged
     several callers' texts into one call can give each caller its own usage."""
-    cached_each = outcome.cached_each or itertools.repeat(False)
     for embedding, tokens, truncated, cached in zip(
-        embeddings, outcome.tokens_each, outcome.truncated_each, cached_each, strict=False
+        embeddings, outcome.tokens_each, outcome.truncated_each, outcome.cached_each, strict=True
     ):
         embedding.input_tokens = tokens
-        if truncated:
-            embedding.truncated = True
-        if cached:
-            embedding.cached = True
+        embedding.truncated = truncated
+        embedding.cached = cached
     return embeddings
 
 
