@@ -104,6 +104,7 @@ redis-deps:
 GO_IMPORT := github.com/embedserve/embedserve
 GO_STUBS_IMPORT := $(GO_IMPORT)/client/go/embedserve/v1
 GO_STUBS_DIR := client/go/embedserve/v1
+GO_CLIENT_IMPORT := $(GO_IMPORT)/client/go/embedserve
 GO_GOPATH := build/gopath
 GO_ENV := GO111MODULE=off GOFLAGS= GOPATH=$(CURDIR)/$(GO_GOPATH):/usr/share/gocode
 GO_DEBS := golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
@@ -117,7 +118,7 @@ GO_PROTOC = protoc -Iprotos -I/usr/include \
   --go-grpc_out=$(1) --go-grpc_opt=paths=source_relative $(foreach m,$(GO_PROTO_MAP),'--go-grpc_opt=$(m)') \
   $(PROTO_FILES)
 
-.PHONY: go-deps go-stubs go-check-stubs go-gopath go-example go-vet go-check
+.PHONY: go-deps go-stubs go-check-stubs go-gopath go-example go-vet go-test go-check
 
 # Installs the Go toolchain, protoc, its Go plugins and the Go libraries (offline-capable
 # Debian packages); quiet no-op when they are already there.
@@ -157,9 +158,13 @@ go-example: go-deps go-gopath
 
 go-vet: go-deps go-gopath
 	test -z "$$(gofmt -l client/go)" || (gofmt -l client/go >&2; echo "gofmt: run 'gofmt -w client/go'" >&2; exit 1)
-	$(GO_ENV) go vet $(GO_STUBS_IMPORT) $(GO_IMPORT)/client/go/example
+	$(GO_ENV) go vet $(GO_STUBS_IMPORT) $(GO_CLIENT_IMPORT) $(GO_IMPORT)/client/go/example
 
-go-check: go-check-stubs go-vet go-example
+# The Go client library's own tests (a scripted gRPC server on loopback), under the race detector.
+go-test: go-deps go-gopath
+	$(GO_ENV) go test -race -count=1 $(GO_CLIENT_IMPORT)
+
+go-check: go-check-stubs go-vet go-test go-example
 
 # --- Benchmarks (bench/, never part of `make test`) -------------------------------------------
 # `make bench` runs the default suite (about 15 minutes); BENCH_ARGS='--quick' or '--full'.
