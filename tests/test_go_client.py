@@ -112,6 +112,14 @@ def test_example_runs_health_embed_and_rerank(example: Path, qwen3_server: InPro
     )
     assert [r.index for r in ranked.results] == summary["indices"]
 
+    # 16 goroutines embedding one text each through the coalescing client shared calls, and
+    # each got the vector and usage of its own text, as one direct call of all 16 gives them.
+    concurrent = summary["concurrent"]
+    assert concurrent["callers"] == 16
+    assert 1 <= concurrent["rpcs"] < concurrent["callers"]
+    assert concurrent["max_diff"] < 1e-4
+    assert concurrent["input_tokens"] == concurrent["direct_tokens"] > 16
+
 
 def test_example_prints_bad_request_violations(
     example: Path, qwen3_server: InProcessServer

@@ -1,22 +1,25 @@
 // Command embedserve-example calls an embedserve server from Go: a health check, an Embed of
-// two texts (as little-endian float32 bytes) and a Rerank of three documents.
+// two texts (as little-endian float32 bytes), a Rerank of three documents, and -concurrent
+// goroutines embedding one text each through the coalescing client, which merges them into
+// fewer calls (checked against one direct call of the same texts).
 //
 // It exits 1 on any error, printing the gRPC status code and the google.rpc details the
 // server attached (BadRequest field violations, ErrorInfo, RetryInfo). Its last line on
 // stdout is a JSON summary.
 //
-//	embedserve-example -target 127.0.0.1:50051 -timeout 10s
+//	embedserve-example -target 127.0.0.1:50051 -timeout 10s -concurrent 16
 package main
 
 import (
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"math"
 	"os"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -25,6 +28,7 @@ import (
 	"google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/embedserve/embedserve/client/go/embedserve"
 	embedservev1 "github.com/embedserve/embedserve/client/go/embedserve/v1"
 )
 
@@ -42,6 +46,15 @@ type summary struct {
 	TopIndex    uint32    `json:"top_index"`
 	Indices     []uint32  `json:"indices"` // documents, best first
 	Scores      []float32 `json:"scores"`  // their scores
+
+	// The -concurrent round: callers each embedding one text through the coalescing client.
+	Concurrent struct {
+		Callers      int     `json:"callers"`
+		RPCs         int64   `json:"rpcs"`          // Embed calls that reached the connection
+		MaxDiff      float64 `json:"max_diff"`      // largest |merged - direct| over all values
+		InputTokens  uint32  `json:"input_tokens"`  // summed over the callers' own Usage
+		DirectTokens uint32  `json:"direct_tokens"` // of one direct call of all the texts
+	} `json:"concurrent"`
 }
 
 // The canonical names of the gRPC status codes (grpc-go prints "Unavailable").
@@ -60,15 +73,16 @@ func main() {
 	target := flag.String("target", "127.0.0.1:50051", "server address, host:port")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline for all the calls together")
 	query := flag.String("query", "Which animal eats bamboo?", "the rerank query")
+	concurrent := flag.Int("concurrent", 16, "goroutines embedding one text each through the coalescing client (0: none)")
 	flag.Parse()
 
-	if err := run(*target, *timeout, *query); err != nil {
+	if err := run(*target, *timeout, *query, *concurrent); err != nil {
 		report(err)
 		os.Exit(1)
 	}
 }
 
-func run(target string, timeout time.Duration, query string) error {
+func run(target string, timeout time.Duration, query string, concurrent int) error {
 	// One deadline for the whole run: every call carries what is left of it.
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -103,11 +117,11 @@ func run(target string, timeout time.Duration, query string) error {
 	out.Model = embedded.GetModel()
 	fmt.Printf("embed: model %s, %d input tokens, %d embeddings\n",
 		out.Model, embedded.GetUsage().GetInputTokens(), len(embedded.GetEmbeddings()))
-	for i, embedding := range embedded.GetEmbeddings() {
-		vector, err := decodeFloat32(embedding.GetFloat32Bytes(), int(embedding.GetDimensions()))
-		if err != nil {
-			return fmt.Errorf("embed: embedding %d: %w", i, err)
-		}
+	vectors, err := embedserve.Vectors(embedded)
+	if err != nil {
+		return fmt.Errorf("embed: %w", err)
+	}
+	for i, vector := range vectors {
 		out.Dimensions = len(vector)
 		if i == 0 {
 			out.FirstValues = vector[:min(4, len(vector))]
@@ -144,6 +158,12 @@ func run(target string, timeout time.Duration, query string) error {
 	}
 	out.TopIndex = ranked.GetResults()[0].GetIndex()
 
+	if concurrent > 0 {
+		if err := embedConcurrently(ctx, conn, concurrent, &out); err != nil {
+			return fmt.Errorf("concurrent embed: %w", err)
+		}
+	}
+
 	line, err := json.Marshal(out)
 	if err != nil {
 		return err
@@ -152,16 +172,90 @@ func run(target string, timeout time.Duration, query string) error {
 	return nil
 }
 
-// decodeFloat32 reads little-endian IEEE-754 float32 values, 4 bytes a dimension.
-func decodeFloat32(data []byte, dimensions int) ([]float32, error) {
-	if len(data)%4 != 0 || len(data)/4 != dimensions {
-		return nil, fmt.Errorf("%d bytes for %d dimensions", len(data), dimensions)
+// countingClient counts the Embed calls that reach the connection.
+type countingClient struct {
+	embedservev1.EmbedServiceClient
+	calls atomic.Int64
+}
+
+func (c *countingClient) Embed(ctx context.Context, req *embedservev1.EmbedRequest, opts ...grpc.CallOption) (*embedservev1.EmbedResponse, error) {
+	c.calls.Add(1)
+	return c.EmbedServiceClient.Embed(ctx, req, opts...)
+}
+
+// embedConcurrently starts callers goroutines at one moment, each embedding its own text
+// through the coalescing client, as the handlers of a Go service would, and checks their
+// vectors and usage against one direct call of all the texts.
+func embedConcurrently(ctx context.Context, conn *grpc.ClientConn, callers int, out *summary) error {
+	direct := embedservev1.NewEmbedServiceClient(conn)
+	counted := &countingClient{EmbedServiceClient: direct}
+	coalescing := embedserve.NewCoalescingEmbedClient(counted, 0)
+
+	texts := make([]string, callers)
+	for i := range texts {
+		texts[i] = fmt.Sprintf("Search query %d: where do giant pandas live?", i)
 	}
-	vector := make([]float32, dimensions)
-	for i := range vector {
-		vector[i] = math.Float32frombits(binary.LittleEndian.Uint32(data[4*i:]))
+	vectors := make([][]float32, callers)
+	errs := make([]error, callers)
+	tokens := make([]uint32, callers)
+	release := make(chan struct{})
+	var done sync.WaitGroup
+	for i := range texts {
+		done.Add(1)
+		go func(i int) {
+			defer done.Done()
+			<-release
+			resp, err := coalescing.Embed(ctx, &embedservev1.EmbedRequest{
+				Inputs:   []string{texts[i]},
+				Encoding: embedservev1.Encoding_ENCODING_FLOAT32_BYTES,
+			})
+			if err == nil && len(resp.GetEmbeddings()) != 1 {
+				err = fmt.Errorf("%d embeddings for one text", len(resp.GetEmbeddings()))
+			}
+			if err == nil {
+				tokens[i] = resp.GetUsage().GetInputTokens()
+				vectors[i], err = embedserve.Vector(resp.GetEmbeddings()[0])
+			}
+			errs[i] = err
+		}(i)
 	}
-	return vector, nil
+	close(release)
+	done.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return fmt.Errorf("caller %d: %w", i, err)
+		}
+	}
+
+	whole, err := direct.Embed(ctx, &embedservev1.EmbedRequest{
+		Inputs:   texts,
+		Encoding: embedservev1.Encoding_ENCODING_FLOAT32_BYTES,
+	})
+	if err != nil {
+		return fmt.Errorf("direct call: %w", err)
+	}
+	expected, err := embedserve.Vectors(whole)
+	if err != nil {
+		return fmt.Errorf("direct call: %w", err)
+	}
+	if len(expected) != callers {
+		return fmt.Errorf("direct call: %d embeddings for %d texts", len(expected), callers)
+	}
+
+	c := &out.Concurrent
+	c.Callers, c.RPCs, c.DirectTokens = callers, counted.calls.Load(), whole.GetUsage().GetInputTokens()
+	for i := range vectors {
+		c.InputTokens += tokens[i]
+		if len(vectors[i]) != len(expected[i]) {
+			return fmt.Errorf("caller %d: %d dimensions, direct %d", i, len(vectors[i]), len(expected[i]))
+		}
+		for j := range vectors[i] {
+			c.MaxDiff = math.Max(c.MaxDiff, math.Abs(float64(vectors[i][j]-expected[i][j])))
+		}
+	}
+	fmt.Printf("concurrent: %d callers, %d Embed calls, %d input tokens (direct %d), max |diff| %.2g\n",
+		callers, c.RPCs, c.InputTokens, c.DirectTokens, c.MaxDiff)
+	return nil
 }
 
 // report prints the error to stderr, with its gRPC code and status details when it has them.
