@@ -118,7 +118,7 @@ GO_PROTOC = protoc -Iprotos -I/usr/include \
   --go-grpc_out=$(1) --go-grpc_opt=paths=source_relative $(foreach m,$(GO_PROTO_MAP),'--go-grpc_opt=$(m)') \
   $(PROTO_FILES)
 
-.PHONY: go-deps go-stubs go-check-stubs go-gopath go-example go-vet go-test go-check
+.PHONY: go-deps go-stubs go-check-stubs go-gopath go-example go-goload go-vet go-test go-check
 
 # Installs the Go toolchain, protoc, its Go plugins and the Go libraries (offline-capable
 # Debian packages); quiet no-op when they are already there.
@@ -156,9 +156,14 @@ go-example: go-deps go-gopath
 	mkdir -p build/go
 	$(GO_ENV) go build -o build/go/embedserve-example $(GO_IMPORT)/client/go/example
 
+# The Go load generator of bench/go_coalesce.py (closed loop, raw or coalescing client).
+go-goload: go-deps go-gopath
+	mkdir -p build/go
+	$(GO_ENV) go build -o build/go/embedserve-goload $(GO_IMPORT)/bench/goload
+
 go-vet: go-deps go-gopath
-	test -z "$$(gofmt -l client/go)" || (gofmt -l client/go >&2; echo "gofmt: run 'gofmt -w client/go'" >&2; exit 1)
-	$(GO_ENV) go vet $(GO_STUBS_IMPORT) $(GO_CLIENT_IMPORT) $(GO_IMPORT)/client/go/example
+	test -z "$$(gofmt -l client/go bench/goload)" || (gofmt -l client/go bench/goload >&2; echo "gofmt: run 'gofmt -w client/go bench/goload'" >&2; exit 1)
+	$(GO_ENV) go vet $(GO_STUBS_IMPORT) $(GO_CLIENT_IMPORT) $(GO_IMPORT)/client/go/example $(GO_IMPORT)/bench/goload
 
 # The Go client library's own tests (a scripted gRPC server on loopback), under the race detector.
 go-test: go-deps go-gopath
