@@ -19,7 +19,10 @@ the server:
 - A caller that gives up (its task cancelled) leaves the merged call to the others; the
   merged call is cancelled when all of its callers have given up.
 - A caller's texts are never split between merged calls; a merged call holds at most
-  ``max_inputs`` texts unless one caller alone sends more.
+  ``max_inputs`` texts unless one caller alone sends more. A server that takes fewer
+  texts a call (its ``--max-inputs``) answers a merged call with a violation of
+  ``inputs`` itself: its callers are sent alone, and ``max_inputs`` halves until merged
+  calls fit, so that merging never fails a call that would have passed alone.
 """
 
 from __future__ import annotations
@@ -140,8 +143,14 @@ class Coalescer:
         try:
             response = await self._send(group.build(texts), group.timeout, len(callers), links)
         except InvalidArgumentError as exc:
-            if len(callers) > 1 and any(v.field.startswith("inputs[") for v in exc.violations):
-                # One caller's input: each caller alone gets its own answer.
+            fields = [v.field for v in exc.violations]
+            if len(callers) > 1 and any(f == "inputs" or f.startswith("inputs[") for f in fields):
+                if "inputs" in fields:
+                    # More texts than the server takes a call: the merging's fault, not any
+                    # caller's. Merge less from now on; the server's limit is not known here.
+                    self.max_inputs = max(1, min(self.max_inputs, len(texts) // 2))
+                # One caller's input, or too many together: each caller alone gets its own
+                # answer.
                 alone = [c for c in callers if not c.answer.done()]
                 await asyncio.gather(*(self._merged(group, [caller]) for caller in alone))
                 return

@@ -7,12 +7,13 @@ import copy
 import pickle
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import numpy as np
 import pytest
-from harness import InProcessServer
+from harness import InProcessServer, serving
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -193,6 +194,29 @@ def test_an_empty_call_and_bad_options_fail_as_they_would_alone(
     assert too_wide[0] is not too_wide[1]
     # The options' error is both callers' at once: no call of either alone.
     assert merged_calls(spans) == [1, 1, 2]
+
+
+def test_a_server_that_takes_fewer_texts_a_call_answers_every_caller(
+    minilm_folder: Path,
+) -> None:
+    """The server takes 3 texts a call, the client merges up to 64: a merged call's
+    violation of ``inputs`` is nobody's error, so its callers are sent alone, and the
+    client halves what it merges until its calls fit."""
+
+    async def calls(client: AsyncClient) -> list[Embeddings]:
+        results: list[Embeddings] = []
+        for _ in range(3):
+            results += await asyncio.gather(*(client.embed([text]) for text in TEXTS[:8]))
+        return results
+
+    with serving(model=minilm_folder, max_inputs=3, warmup=False) as server:
+        results, spans = traced(server, calls)
+    for result in results:
+        assert result.vectors.shape == (1, 384)
+        assert result.usage.inputs == 1
+    # 8 merged, refused, then 8 alone (and 4 from then on); 2 calls of 4, refused, then 8
+    # alone (2 from then on); 4 calls of 2.
+    assert merged_calls(spans) == [1] * 16 + [2] * 4 + [4] * 2 + [8]
 
 
 def test_an_overload_reaches_every_merged_caller_with_its_retry_hint() -> None:

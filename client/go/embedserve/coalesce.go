@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -57,6 +58,9 @@ const maxJoinYields = 4
 //     cancelled when all of its callers have left. The merged call carries the latest of the
 //     callers' deadlines (none if one of them has none).
 //   - A caller's texts are never split between merged calls.
+//   - A server that takes fewer texts a call (its --max-inputs) answers a merged call with
+//     a violation of "inputs" itself. That is nobody's error: the callers are sent alone,
+//     and MaxInputs halves until merged calls fit.
 //
 // Calls with grpc.CallOptions, with no inputs, or with more than MaxInputs inputs are sent
 // alone, unchanged. Values of a caller's context other than its deadline and outgoing
@@ -67,7 +71,7 @@ const maxJoinYields = 4
 // merged call's Timing.
 type CoalescingEmbedClient struct {
 	next      embedservev1.EmbedServiceClient
-	maxInputs int
+	maxInputs atomic.Int64 // lowered when the server refuses a merged call's size
 
 	mu       sync.Mutex
 	waiting  map[string]*group
@@ -86,11 +90,14 @@ func NewCoalescingEmbedClient(next embedservev1.EmbedServiceClient, maxInputs in
 	if maxInputs <= 0 {
 		maxInputs = DefaultMaxInputs
 	}
-	return &CoalescingEmbedClient{next: next, maxInputs: maxInputs, waiting: map[string]*group{}}
+	c := &CoalescingEmbedClient{next: next, waiting: map[string]*group{}}
+	c.maxInputs.Store(int64(maxInputs))
+	return c
 }
 
-// MaxInputs is the most texts one merged call holds.
-func (c *CoalescingEmbedClient) MaxInputs() int { return c.maxInputs }
+// MaxInputs is the most texts one merged call holds: the one given, or less once the
+// server has refused that many in one call.
+func (c *CoalescingEmbedClient) MaxInputs() int { return int(c.maxInputs.Load()) }
 
 type result struct {
 	resp *embedservev1.EmbedResponse
@@ -125,7 +132,7 @@ type mergedCall struct {
 
 // Embed sends req, merged with the calls waiting beside it when it can be.
 func (c *CoalescingEmbedClient) Embed(ctx context.Context, req *embedservev1.EmbedRequest, opts ...grpc.CallOption) (*embedservev1.EmbedResponse, error) {
-	if len(opts) > 0 || len(req.GetInputs()) == 0 || len(req.GetInputs()) > c.maxInputs {
+	if len(opts) > 0 || len(req.GetInputs()) == 0 || len(req.GetInputs()) > c.MaxInputs() {
 		return c.next.Embed(ctx, req, opts...)
 	}
 	if err := ctx.Err(); err != nil {
@@ -262,13 +269,13 @@ func (c *CoalescingEmbedClient) flush() {
 // with mu held.
 func (c *CoalescingEmbedClient) chunks(callers []*caller) [][]*caller {
 	var chunks [][]*caller
-	inputs := 0
+	inputs, maxInputs := 0, c.MaxInputs()
 	for _, cl := range callers {
 		if cl.left {
 			continue
 		}
 		n := len(cl.req.Inputs)
-		if len(chunks) == 0 || inputs+n > c.maxInputs {
+		if len(chunks) == 0 || inputs+n > maxInputs {
 			chunks = append(chunks, nil)
 			inputs = 0
 		}
@@ -286,9 +293,17 @@ func (c *CoalescingEmbedClient) send(m *mergedCall) {
 	}
 	resp, err := c.next.Embed(m.ctx, req)
 	if err != nil {
-		if len(m.callers) > 1 && namesAnInput(err) {
-			c.resendAlone(m.callers)
-			return
+		if len(m.callers) > 1 {
+			oneInput, tooMany := namesInputs(err)
+			if tooMany {
+				// More texts than the server takes a call: the merging's fault, not any
+				// caller's. Merge less from now on; the server's limit is not known here.
+				c.lowerMaxInputs(len(req.Inputs) / 2)
+			}
+			if oneInput || tooMany {
+				c.resendAlone(m.callers)
+				return
+			}
 		}
 		for _, cl := range m.callers {
 			cl.answer <- result{err: err}
@@ -358,22 +373,41 @@ func latestDeadline(callers []*caller) (time.Time, bool) {
 	return latest, true
 }
 
-// namesAnInput says whether err is an INVALID_ARGUMENT whose BadRequest names an input.
-func namesAnInput(err error) bool {
+// lowerMaxInputs sets MaxInputs to n (at least 1) unless it is already lower.
+func (c *CoalescingEmbedClient) lowerMaxInputs(n int) {
+	n = max(1, n)
+	for {
+		current := c.maxInputs.Load()
+		if current <= int64(n) || c.maxInputs.CompareAndSwap(current, int64(n)) {
+			return
+		}
+	}
+}
+
+// namesInputs reads an INVALID_ARGUMENT's BadRequest: whether it names one input
+// ("inputs[i]") and whether it names the inputs as a whole ("inputs": too many of them).
+func namesInputs(err error) (oneInput, tooMany bool) {
 	s, ok := status.FromError(err)
 	if !ok || s.Code() != codes.InvalidArgument {
-		return false
+		return false, false
 	}
 	for _, detail := range s.Details() {
 		if bad, ok := detail.(*errdetails.BadRequest); ok {
 			for _, violation := range bad.GetFieldViolations() {
-				if strings.HasPrefix(violation.GetField(), "inputs[") {
-					return true
-				}
+				field := violation.GetField()
+				oneInput = oneInput || strings.HasPrefix(field, "inputs[")
+				tooMany = tooMany || field == "inputs"
 			}
 		}
 	}
-	return false
+	return oneInput, tooMany
+}
+
+func max(a, b int) int {
+	if a > b {
+		return a
+	}
+	return b
 }
 
 // callerResponse is one caller's part of a merged response.

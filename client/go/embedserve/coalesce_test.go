@@ -24,14 +24,16 @@ import (
 //     "long..." texts are truncated and "cached..." ones cached;
 //   - a text "bad" is an INVALID_ARGUMENT naming its index; dimensions 999 one naming the
 //     option;
-//   - a request with a text starting "block" waits until release is closed or it ends.
+//   - a request with a text starting "block" waits until release is closed or it ends;
+//   - with maxInputs set, a request of more texts is an INVALID_ARGUMENT naming "inputs".
 type scripted struct {
 	embedservev1.UnimplementedEmbedServiceServer
 
 	release chan struct{}
 
-	mu       sync.Mutex
-	requests []seen
+	mu        sync.Mutex
+	requests  []seen
+	maxInputs int
 }
 
 type seen struct {
@@ -52,6 +54,12 @@ func (s *scripted) Embed(ctx context.Context, req *embedservev1.EmbedRequest) (*
 
 	if req.GetDimensions() == 999 {
 		return nil, invalid("dimensions")
+	}
+	s.mu.Lock()
+	limit := s.maxInputs
+	s.mu.Unlock()
+	if limit > 0 && len(req.GetInputs()) > limit {
+		return nil, invalid("inputs")
 	}
 	for i, text := range req.GetInputs() {
 		if text == "bad" {
@@ -226,6 +234,40 @@ func TestALoneCallerIsSentAtOnce(t *testing.T) {
 	}
 	if got := len(script.seen()); got != 3 {
 		t.Fatalf("the server saw %d calls, want 3", got)
+	}
+}
+
+func TestAServerThatTakesFewerTextsACallAnswersEveryCaller(t *testing.T) {
+	script, client := start(t, 64)
+	script.mu.Lock()
+	script.maxInputs = 3
+	script.mu.Unlock()
+	var sizes []int
+	for round := 0; round < 3; round++ {
+		var reqs []*embedservev1.EmbedRequest
+		for i := 0; i < 8; i++ {
+			reqs = append(reqs, texts(fmt.Sprintf("r%d caller %d", round, i)))
+		}
+		before := len(script.seen())
+		holdFirstFlush(client, len(reqs))
+		for i, a := range embedAll(context.Background(), client, reqs) {
+			if a.err != nil {
+				t.Fatalf("round %d caller %d: %v", round, i, a.err)
+			}
+			checkOwn(t, reqs[i].Inputs, a.resp)
+		}
+		largest := 0
+		for _, s := range script.seen()[before:] {
+			if len(s.inputs) > largest {
+				largest = len(s.inputs)
+			}
+		}
+		sizes = append(sizes, largest)
+	}
+	// 8 merged and refused, then alone (4 from then on); calls of 4, refused, then alone
+	// (2 from then on); calls of 2, which fit.
+	if sizes[0] != 8 || sizes[1] != 4 || sizes[2] != 2 || client.MaxInputs() != 2 {
+		t.Fatalf("largest calls by round %v, MaxInputs %d; want [8 4 2] and 2", sizes, client.MaxInputs())
 	}
 }
 
