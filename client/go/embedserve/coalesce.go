@@ -78,20 +78,51 @@ type CoalescingEmbedClient struct {
 	queued   int  // callers in waiting
 	flushing bool // a flush goroutine is on its way
 
+	wrapMerged MergedCallFunc // nil: merged calls are sent as they are
+
 	// beforeFlush, when set (by tests), runs at the start of each flush.
 	beforeFlush func()
+}
+
+// MergedCallFunc wraps each merged call: it gets the merged call's context (its deadline and
+// metadata), the contexts of the callers merged into it, and send, which makes the call
+// with the context it is given (one derived from ctx) and returns its error. It must call
+// send once and return its error. It is where a merged call's trace span belongs, linked
+// to the callers' spans, since no caller's span context reaches the merged call:
+//
+//	func(ctx context.Context, callers []context.Context, send func(context.Context) error) error {
+//		links := make([]trace.Link, 0, len(callers))
+//		for _, caller := range callers {
+//			links = append(links, trace.LinkFromContext(caller))
+//		}
+//		ctx, span := tracer.Start(ctx, "embedserve.merged", trace.WithLinks(links...))
+//		defer span.End()
+//		return send(ctx)
+//	}
+type MergedCallFunc func(ctx context.Context, callers []context.Context, send func(context.Context) error) error
+
+// Option configures a CoalescingEmbedClient.
+type Option func(*CoalescingEmbedClient)
+
+// WithMergedCall wraps every call the client merges (not the calls it sends unchanged, nor a
+// caller resent alone, which carry the caller's own context).
+func WithMergedCall(wrap MergedCallFunc) Option {
+	return func(c *CoalescingEmbedClient) { c.wrapMerged = wrap }
 }
 
 var _ embedservev1.EmbedServiceClient = (*CoalescingEmbedClient)(nil)
 
 // NewCoalescingEmbedClient wraps next (usually embedservev1.NewEmbedServiceClient(conn)).
 // maxInputs of 0 or less means DefaultMaxInputs.
-func NewCoalescingEmbedClient(next embedservev1.EmbedServiceClient, maxInputs int) *CoalescingEmbedClient {
+func NewCoalescingEmbedClient(next embedservev1.EmbedServiceClient, maxInputs int, options ...Option) *CoalescingEmbedClient {
 	if maxInputs <= 0 {
 		maxInputs = DefaultMaxInputs
 	}
 	c := &CoalescingEmbedClient{next: next, waiting: map[string]*group{}}
 	c.maxInputs.Store(int64(maxInputs))
+	for _, option := range options {
+		option(c)
+	}
 	return c
 }
 
@@ -291,7 +322,7 @@ func (c *CoalescingEmbedClient) send(m *mergedCall) {
 	for _, cl := range m.callers {
 		req.Inputs = append(req.Inputs, cl.req.Inputs...)
 	}
-	resp, err := c.next.Embed(m.ctx, req)
+	resp, err := c.call(m, req)
 	if err != nil {
 		if len(m.callers) > 1 {
 			oneInput, tooMany := namesInputs(err)
@@ -323,6 +354,27 @@ func (c *CoalescingEmbedClient) send(m *mergedCall) {
 		cl.answer <- result{resp: callerResponse(resp, resp.Embeddings[start:end:end])}
 		start = end
 	}
+}
+
+// call sends a merged request, through the MergedCallFunc when there is one.
+func (c *CoalescingEmbedClient) call(m *mergedCall, req *embedservev1.EmbedRequest) (*embedservev1.EmbedResponse, error) {
+	if c.wrapMerged == nil {
+		return c.next.Embed(m.ctx, req)
+	}
+	callers := make([]context.Context, len(m.callers))
+	for i, cl := range m.callers {
+		callers[i] = cl.ctx
+	}
+	var resp *embedservev1.EmbedResponse
+	err := c.wrapMerged(m.ctx, callers, func(ctx context.Context) error {
+		var err error
+		resp, err = c.next.Embed(ctx, req)
+		return err
+	})
+	if err == nil && resp == nil {
+		return nil, status.Error(codes.Internal, "the MergedCallFunc returned without sending the merged call")
+	}
+	return resp, err
 }
 
 // resendAlone sends each caller's own request with its own context, so that an input's

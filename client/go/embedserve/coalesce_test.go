@@ -271,6 +271,65 @@ func TestAServerThatTakesFewerTextsACallAnswersEveryCaller(t *testing.T) {
 	}
 }
 
+type callerKey struct{}
+
+func TestAMergedCallGoesThroughItsWrapperWithEveryCallersContext(t *testing.T) {
+	script, plain := start(t, 64)
+	var wrapped [][]string
+	var mu sync.Mutex
+	client := NewCoalescingEmbedClient(plain.next, 64, WithMergedCall(
+		func(ctx context.Context, callers []context.Context, send func(context.Context) error) error {
+			var names []string
+			for _, caller := range callers {
+				names = append(names, caller.Value(callerKey{}).(string))
+			}
+			mu.Lock()
+			wrapped = append(wrapped, names)
+			mu.Unlock()
+			return send(metadata.AppendToOutgoingContext(ctx, "tenant", "from-wrapper"))
+		}))
+	holdFirstFlush(client, 3)
+	var wg sync.WaitGroup
+	answers := make([]answer, 3)
+	for i := range answers {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			name := fmt.Sprintf("caller %d", i)
+			ctx := context.WithValue(context.Background(), callerKey{}, name)
+			resp, err := client.Embed(ctx, texts(name))
+			answers[i] = answer{resp, err}
+		}(i)
+	}
+	wg.Wait()
+	for i, a := range answers {
+		if a.err != nil {
+			t.Fatalf("caller %d: %v", i, a.err)
+		}
+		checkOwn(t, []string{fmt.Sprintf("caller %d", i)}, a.resp)
+	}
+	seen := script.seen()
+	if len(wrapped) != 1 || len(wrapped[0]) != 3 || len(seen) != 1 {
+		t.Fatalf("wrapper saw %v, server %d calls; want one merged call of 3 callers", wrapped, len(seen))
+	}
+	if strings.Join(seen[0].tenant, ",") != "from-wrapper" {
+		t.Fatalf("the server saw tenant %v, not the wrapper's context", seen[0].tenant)
+	}
+	for i, name := range wrapped[0] {
+		if name != seen[0].inputs[i] {
+			t.Fatalf("callers' contexts %v, inputs %v: not in the call's order", wrapped[0], seen[0].inputs)
+		}
+	}
+
+	// A wrapper that does not send fails the callers instead of leaving them waiting.
+	idle := NewCoalescingEmbedClient(plain.next, 64, WithMergedCall(
+		func(context.Context, []context.Context, func(context.Context) error) error { return nil }))
+	_, err := idle.Embed(context.Background(), texts("x"))
+	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "without sending") {
+		t.Fatalf("a wrapper that did not send: %v, want INTERNAL saying so", err)
+	}
+}
+
 func TestMergedCallsHoldAtMostMaxInputsAndNeverSplitACaller(t *testing.T) {
 	script, client := start(t, 5)
 	var reqs []*embedservev1.EmbedRequest
