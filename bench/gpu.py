@@ -93,20 +93,33 @@ MAX_BATCH_TOKENS = 16384
 TEXT_TOKENS = (64, 256)  # approximate lengths of the benchmark texts
 
 
-def build_checkpoint(folder: Path, size: str, device: str, dtype: str) -> Path:
-    """Tokenizer (offline BPE, as tests/support/qwen3.py) + random weights in ``dtype``."""
+def build_checkpoint(
+    folder: Path,
+    size: str,
+    device: str,
+    dtype: str,
+    *,
+    reranker: bool = False,
+    layers: int | None = None,
+) -> Path:
+    """Tokenizer (offline BPE, as tests/support/qwen3.py) + random weights in ``dtype``.
+    ``reranker``: a Qwen3-Reranker's tokenizer (no end-of-text appended); ``layers``: fewer
+    layers of the same shape, for a CPU."""
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from tests.support.qwen3 import ENDOFTEXT, build_qwen3_tokenizer
 
-    build_qwen3_tokenizer(folder, append_eos=True)
+    build_qwen3_tokenizer(folder, append_eos=not reranker)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     eos = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     if not isinstance(eos, int):
         raise TypeError(f"unexpected id for {ENDOFTEXT}: {eos!r}")
+    shape = dict(SHAPES[size])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     config = Qwen3Config(
-        **SHAPES[size],
+        **shape,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         dtype=dtype,

@@ -1,6 +1,7 @@
 """Servers side by side: where one call's time goes at concurrency 1, and unary loads.
 
-    python -m bench.server_ab [--calls 400] [--loads 1,8,64] [--rounds 3] [--workload short]
+    python -m bench.server_ab [--calls 400] [--loads 1,8,64] [--rounds 3]
+                              [--workload short|mixed|rerank] [--documents 20]
                               [--server NAME=FLAGS]... [--python NAME=INTERPRETER]...
 
 Each server is an ``embedserve serve`` process (the packaged MiniLM, 2 torch threads).
@@ -17,8 +18,12 @@ answer's ``Timing`` splits the round trip:
 NAME=INTERPRETER`` runs that server on another interpreter, so that another checkout's
 ``.venv/bin/python`` (with its own ``embedserve``) can be measured against this one.
 
+``--workload rerank`` measures Rerank calls instead, of one query and ``--documents``
+documents (20 to 60 words each), for the servers' ``--reranker`` (name it in their flags).
+
 Then the load generator (``bench.loadgen``, closed loop, one text a call of ``--workload``:
-``short`` sentences, or ``mixed`` lengths of 16 to 512 tokens) runs each of ``--loads``
+``short`` sentences, or ``mixed`` lengths of 16 to 512 tokens; or the rerank call above)
+runs each of ``--loads``
 callers for ``--duration`` seconds: requests/s, tokens/s, p50 and p99. Rounds are
 interleaved: each round runs every server once, in turn. The figures of each round, and
 the median of the rounds, are printed and written to ``--out`` as JSON.
@@ -31,33 +36,57 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench import procs
+from bench import texts as corpus
 from bench.loadgen import LoadSpec, run_load
 from bench.texts import short_sentences
-from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
+from embedserve.v1 import (
+    embed_service_pb2,
+    embed_service_pb2_grpc,
+    rerank_service_pb2,
+    rerank_service_pb2_grpc,
+)
 
 
 def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
 
-def measure(address: str, texts: list[str], calls: int) -> dict[str, float]:
-    """Medians (ms) of ``calls`` calls after a warm-up of 50."""
+def measure(
+    address: str, texts: list[str], calls: int, rerank_documents: int = 0
+) -> dict[str, float]:
+    """Medians (ms) of ``calls`` calls after a warm-up of ``min(50, calls)``: an Embed of one
+    text each, or with ``rerank_documents``, a Rerank of that many documents for one query."""
     channel = grpc.insecure_channel(address)
-    stub = embed_service_pb2_grpc.EmbedServiceStub(channel)
+    warmup = min(50, calls)
+    call: Callable[[int], Any]
+    if rerank_documents:
+        query, documents = corpus.rerank_documents(rerank_documents)
+        rerank = rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank
+        ranked = rerank_service_pb2.RerankRequest(query=query, documents=documents)
+
+        def call(n: int) -> Any:
+            return rerank(ranked, timeout=60)
+    else:
+        embed = embed_service_pb2_grpc.EmbedServiceStub(channel).Embed
+
+        def call(n: int) -> Any:
+            request = embed_service_pb2.EmbedRequest(inputs=[texts[n % len(texts)]])
+            return embed(request, timeout=30)
+
     rows: list[tuple[float, float, float, float, float]] = []
     try:
-        for n in range(calls + 50):
-            request = embed_service_pb2.EmbedRequest(inputs=[texts[n % len(texts)]])
+        for n in range(calls + warmup):
             started = time.perf_counter()
-            reply = stub.Embed(request, timeout=30)
+            reply = call(n)
             round_trip = time.perf_counter() - started
-            if n >= 50:
+            if n >= warmup:
                 timing = reply.timing
                 rows.append(
                     (
@@ -97,7 +126,10 @@ def main() -> None:
         "--loads", default="1,8,64", help="callers of each closed loop; '' for none"
     )
     parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--workload", choices=("short", "mixed"), default="short")
+    parser.add_argument("--workload", choices=("short", "mixed", "rerank"), default="short")
+    parser.add_argument(
+        "--documents", type=int, default=20, help="rerank: documents a call, for one query"
+    )
     parser.add_argument(
         "--server",
         action="append",
@@ -128,13 +160,15 @@ def main() -> None:
             )
             try:
                 assert server.address is not None
-                row = measure(server.address, texts, args.calls)
+                rerank = args.documents if args.workload == "rerank" else 0
+                row = measure(server.address, texts, args.calls, rerank)
                 for callers in loads:
                     spec = LoadSpec(
                         server.address,
                         concurrency=callers,
                         duration=args.duration,
                         workload=args.workload,
+                        inputs=rerank or 1,
                     )
                     load = run_load(spec, procs=1 if callers < 8 else 2)
                     row[f"c{callers}_rps"] = round(load["rps"], 1)

@@ -152,6 +152,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
             name=reranker_name,
             max_input_tokens=config.max_input_tokens,
             default_instruction=config.default_instruction,
+            padding_free=config.padding_free,
         )
         reranker = load_reranker(reranker_options, device)
         registry.rerankers[reranker_name] = ModelReranker(

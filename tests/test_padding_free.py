@@ -132,7 +132,10 @@ def test_minilm_padding_free_and_padded_adapters_agree(minilm_folder: Path) -> N
 
 
 def test_server_info_says_which_models_run_padding_free(
-    minilm_server: InProcessServer, qwen3_server: InProcessServer, cross_encoder_folder: Path
+    minilm_server: InProcessServer,
+    qwen3_server: InProcessServer,
+    cross_encoder_folder: Path,
+    qwen3_reranker_folder: Path,
 ) -> None:
     def padding_free(server: InProcessServer) -> dict[str, bool]:
         info = server.stubs.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=30)
@@ -143,8 +146,9 @@ def test_server_info_says_which_models_run_padding_free(
     assert padding_free(qwen3_server) == {"qwen3-embedding-tiny": True, "qwen3-reranker-tiny": True}
     with serving(reranker=cross_encoder_folder, reranker_name="cross") as server:
         assert padding_free(server)["cross"] is False
-    with serving(padding_free=False) as server:
-        assert set(padding_free(server).values()) == {False}
+    # --padding-free false reaches the reranker as well as the embedder.
+    with serving(reranker=qwen3_reranker_folder, reranker_name="r", padding_free=False) as server:
+        assert padding_free(server) == {"all-MiniLM-L6-v2": False, "r": False}
 
 
 def test_the_offline_bert_stand_in_serves_what_sentence_transformers_computes(
