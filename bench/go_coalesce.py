@@ -36,7 +36,7 @@ from typing import Any
 
 from bench import procs
 from bench.loadgen import LoadSpec
-from bench.run import Ceiling
+from bench.run import Ceiling, again_command
 from bench.texts import short_sentences
 
 GOLOAD = procs.ROOT / "build" / "go" / "embedserve-goload"
@@ -68,16 +68,7 @@ def best_ceiling(ceiling: Ceiling, threads: int) -> dict[str, Any]:
 
 
 def ceiling_again(ceiling: Ceiling, best: dict[str, Any]) -> float:
-    reply = ceiling.ask(
-        op="throughput",
-        inputs=best["inputs"],
-        batch_size=best["batch_size"],
-        seconds=CEILING_SECONDS,
-        sort=best["sorted"],
-        packed=best.get("packed", True),
-        workers=best.get("workers", 1),
-    )
-    return float(reply["tokens_per_s"])
+    return float(ceiling.ask(**again_command(best, CEILING_SECONDS))["tokens_per_s"])
 
 
 def go_load(

@@ -72,6 +72,20 @@ CACHE_BYTES = "256MiB"
 MAX_FORWARD_SHAPE = (32, 256)
 
 
+def again_command(best: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The ceiling worker's command that measures the ceiling again the way ``best`` (a
+    throughput reply) was: its inputs, batch size, order, forward and workers."""
+    return {
+        "op": "throughput",
+        "inputs": best["inputs"],
+        "batch_size": best["batch_size"],
+        "seconds": seconds,
+        "sort": best["sorted"],
+        "packed": best.get("packed", False),
+        "workers": best.get("workers", 1),
+    }
+
+
 class Ceiling:
     """The ceiling worker process (bench/ceiling.py), answering one JSON command a line."""
 
@@ -377,18 +391,8 @@ class Suite:
     def _ceiling_again(
         self, best: dict[str, Any], seconds: float, **changes: Any
     ) -> dict[str, Any]:
-        """The ceiling measured again the way ``best`` was (its batch size, order, forward
-        and workers), with ``changes``."""
-        command: dict[str, Any] = {
-            "op": "throughput",
-            "inputs": best["inputs"],
-            "batch_size": best["batch_size"],
-            "seconds": seconds,
-            "sort": best["sorted"],
-            "packed": best.get("packed", False),
-            "workers": best.get("workers", 1),
-        }
-        return self.ask_ceiling(**{**command, **changes})
+        """The ceiling measured again the way ``best`` was, with ``changes``."""
+        return self.ask_ceiling(**{**again_command(best, seconds), **changes})
 
     def run_unary_and_peers(self) -> None:
         es = self.services["embedserve"]

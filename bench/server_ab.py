@@ -45,7 +45,6 @@ import grpc
 from bench import procs
 from bench import texts as corpus
 from bench.loadgen import LoadSpec, run_load
-from bench.texts import short_sentences
 from embedserve.v1 import (
     embed_service_pb2,
     embed_service_pb2_grpc,
@@ -146,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     interpreters = dict(text.split("=", 1) for text in args.python)
     servers = [procs.named_flags(text) for text in args.server or ["this="]]
-    texts = short_sentences(500)
+    texts = corpus.short_sentences(500)
     loads = [int(n) for n in args.loads.split(",") if n]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in servers}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,6 @@ type group struct {
 
 type mergedCall struct {
 	options *embedservev1.EmbedRequest
-	md      metadata.MD
 	callers []*caller
 	active  int // callers that have not left; guarded by the client's mu
 	ctx     context.Context
@@ -277,7 +276,7 @@ func (c *CoalescingEmbedClient) flush() {
 	var calls []*mergedCall
 	for _, g := range groups {
 		for _, callers := range c.chunks(g.callers) {
-			m := &mergedCall{options: g.options, md: g.md, callers: callers, active: len(callers)}
+			m := &mergedCall{options: g.options, callers: callers, active: len(callers)}
 			m.ctx, m.cancel = mergedContext(g.md, callers)
 			for _, cl := range callers {
 				cl.merged = m
@@ -336,16 +335,12 @@ func (c *CoalescingEmbedClient) send(m *mergedCall) {
 				return
 			}
 		}
-		for _, cl := range m.callers {
-			cl.answer <- result{err: err}
-		}
+		answerAll(m.callers, err)
 		return
 	}
 	if got := len(resp.GetEmbeddings()); got != len(req.Inputs) {
-		err := status.Errorf(codes.Internal, "the server returned %d embeddings for %d inputs", got, len(req.Inputs))
-		for _, cl := range m.callers {
-			cl.answer <- result{err: err}
-		}
+		answerAll(m.callers, status.Errorf(codes.Internal,
+			"the server returned %d embeddings for %d inputs", got, len(req.Inputs)))
 		return
 	}
 	start := 0
@@ -353,6 +348,13 @@ func (c *CoalescingEmbedClient) send(m *mergedCall) {
 		end := start + len(cl.req.Inputs)
 		cl.answer <- result{resp: callerResponse(resp, resp.Embeddings[start:end:end])}
 		start = end
+	}
+}
+
+// answerAll gives every caller of a merged call its error.
+func answerAll(callers []*caller, err error) {
+	for _, cl := range callers {
+		cl.answer <- result{err: err}
 	}
 }
 
@@ -427,7 +429,9 @@ func latestDeadline(callers []*caller) (time.Time, bool) {
 
 // lowerMaxInputs sets MaxInputs to n (at least 1) unless it is already lower.
 func (c *CoalescingEmbedClient) lowerMaxInputs(n int) {
-	n = max(1, n)
+	if n < 1 {
+		n = 1
+	}
 	for {
 		current := c.maxInputs.Load()
 		if current <= int64(n) || c.maxInputs.CompareAndSwap(current, int64(n)) {
@@ -453,13 +457,6 @@ func namesInputs(err error) (oneInput, tooMany bool) {
 		}
 	}
 	return oneInput, tooMany
-}
-
-func max(a, b int) int {
-	if a > b {
-		return a
-	}
-	return b
 }
 
 // callerResponse is one caller's part of a merged response.
