@@ -25,6 +25,7 @@ from embedserve.service.cpus import available_cpus, has_amx_bf16
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.host_memory import HostMemoryTrimmer
 from embedserve.service.engine.limits import BatchLimits
+from embedserve.service.engine.workers import SharedThreads
 from embedserve.service.inference import EmbeddingModel, ModelReranker, SimilarityReranker
 from embedserve.service.lifecycle import Lifecycle, Phase
 from embedserve.service.models.base import ModelAdapter, ModelLoadError
@@ -81,6 +82,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     device = resolve_device(config.device, config.dtype)
     cpu_threads = 0
     host_memory: HostMemoryTrimmer | None = None
+    shared_threads: SharedThreads | None = None
     if device.device.type == "cpu":
         host_memory = HostMemoryTrimmer(config.memory_trim_interval_ms / 1000.0)
         if telemetry.metrics is not None and host_memory.enabled:
@@ -90,6 +92,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         # parallel region, so that forward worker 0's OpenMP team is the process's only one
         # (engine/workers.py says why). The workers set their own counts per batch.
         torch.set_num_threads(1)
+        shared_threads = SharedThreads(cpu_threads, config.forward_nice)
         workers = forward_workers(config, cpu_threads)
         log.info(
             "torch threads",
@@ -138,7 +141,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
     )
     embedder = EmbeddingModel(
         adapter := load_embedder(embedder_options, device),
-        _engine(adapter, limits, telemetry, config, cpu_threads, host_memory, parallel=True),
+        _engine(adapter, limits, telemetry, config, shared_threads, host_memory),
     )
     registry = ModelRegistry(default_embedder=name)
     registry.embedders[name] = embedder
@@ -157,8 +160,9 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
         reranker = load_reranker(reranker_options, device)
         registry.rerankers[reranker_name] = ModelReranker(
             reranker,
-            # The embedder's worker 0 holds the process's one OpenMP team (workers.py).
-            _engine(reranker, limits, telemetry, config, cpu_threads, host_memory, parallel=False),
+            # The same threads as the embedder's: whichever model's batch finds the parallel
+            # worker free runs on every spare thread (engine/workers.py).
+            _engine(reranker, limits, telemetry, config, shared_threads, host_memory),
         )
         registry.default_reranker = reranker_name
     install_caches(registry, config, folder, telemetry)  # an unusable Redis URL: ValueError
@@ -200,22 +204,21 @@ def _engine(
     limits: BatchLimits,
     telemetry: Telemetry,
     config: ServerConfig,
-    cpu_threads: int,
+    shared_threads: SharedThreads | None,
     host_memory: HostMemoryTrimmer | None,
-    *,
-    parallel: bool,
 ) -> Engine:
+    """``shared_threads``: the CPU's, shared by every engine; none off the CPU, where each
+    engine runs its batches on a worker of its own, as it has no OpenMP team to share."""
+    threads = shared_threads or SharedThreads(0, config.forward_nice, name=f"{adapter.name}-0")
     try:
         return Engine(
             adapter,
             limits,
             telemetry.for_engine(adapter),
-            forward_nice=config.forward_nice,
-            forward_workers=forward_workers(config, cpu_threads),
-            cpu_threads=cpu_threads,
+            threads=threads,
+            forward_workers=forward_workers(config, threads.cpu_threads),
             host_memory=host_memory,
             cuda_graph_tokens=_cuda_graph_tokens(adapter, config),
-            parallel_worker=parallel,
         )
     except ValueError as exc:
         raise ModelLoadError(f"batching limits do not fit the model: {exc}") from exc

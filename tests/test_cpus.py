@@ -58,7 +58,8 @@ def test_forward_thread_and_its_torch_workers_run_nicer(qwen3_embedding_folder: 
     with serving(model=qwen3_embedding_folder, forward_nice=7, threads=2) as server:
         (engine,) = server.engines
         workers = engine.workers.native_ids()
-        assert len(workers) == 2  # auto: two forward workers for two threads
+        # The parallel worker, and the engine's own two: two batches at once for two threads.
+        assert len(workers) == 3
         assert all(_nice_of(str(worker)) == wanted for worker in workers)
         niced = {t for t in os.listdir("/proc/self/task") if _nice_of(t) == wanted}
         # The warm-up ran a forward pass with 2 torch threads on the first worker: its

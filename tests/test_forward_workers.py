@@ -25,7 +25,7 @@ from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.work import Lane
-from embedserve.service.engine.workers import ForwardWorkers, Placement
+from embedserve.service.engine.workers import ForwardWorkers, Placement, SharedThreads
 from embedserve.service.registry import ModelRegistry
 from embedserve.service.server import build_registry, forward_workers
 
@@ -53,7 +53,7 @@ def built_registry(config: ServerConfig) -> Iterator[ModelRegistry]:
 
 
 def test_a_batch_alone_gets_every_thread() -> None:
-    workers = ForwardWorkers("t", 2, cpu_threads=4)
+    workers = ForwardWorkers("t", 2, SharedThreads(4))
     try:
         (alone,) = workers.place(1)
         assert alone.threads == 4
@@ -64,7 +64,7 @@ def test_a_batch_alone_gets_every_thread() -> None:
 
 
 def test_batches_starting_together_leave_worker_0_what_the_others_do_not_take() -> None:
-    workers = ForwardWorkers("t", 3, cpu_threads=5)
+    workers = ForwardWorkers("t", 3, SharedThreads(5))
     try:
         placements = workers.place(3)
         assert placements == [Placement(0, 3), Placement(1, 1), Placement(2, 1)]
@@ -76,7 +76,7 @@ def test_batches_starting_together_leave_worker_0_what_the_others_do_not_take() 
 
 
 def test_a_batch_beside_a_running_one_gets_what_is_left_and_at_least_one() -> None:
-    workers = ForwardWorkers("t", 2, cpu_threads=2)
+    workers = ForwardWorkers("t", 2, SharedThreads(2))
     try:
         (first,) = workers.place(1)
         (second,) = workers.place(1)
@@ -93,7 +93,7 @@ def test_a_batch_beside_a_running_one_gets_what_is_left_and_at_least_one() -> No
 
 def test_only_worker_0_runs_a_batch_on_more_than_one_thread() -> None:
     """One OpenMP team in the process (engine/workers.py): worker 0's."""
-    workers = ForwardWorkers("t", 2, cpu_threads=4)
+    workers = ForwardWorkers("t", 2, SharedThreads(4))
     try:
         first, second = workers.place(2)
         assert (first, second) == (Placement(0, 3), Placement(1, 1))
@@ -110,31 +110,57 @@ def test_only_worker_0_runs_a_batch_on_more_than_one_thread() -> None:
         workers.shutdown()
 
 
-def test_workers_without_the_parallel_worker_run_every_batch_on_one_thread() -> None:
-    workers = ForwardWorkers("t", 2, cpu_threads=2, parallel=False)
+def test_engines_share_the_parallel_worker_and_the_threads() -> None:
+    """One OpenMP team in the process, whichever model's batch runs on it; every engine keeps
+    workers of its own, so that neither waits for the other's batches."""
+    shared = SharedThreads(2)
+    embedder = ForwardWorkers("embedder", 2, shared)
+    reranker = ForwardWorkers("reranker", 2, shared)
     try:
-        (alone,) = workers.place(1)
-        assert alone == Placement(0, 1)
-        workers.release(alone)
-        assert workers.place(2) == [Placement(0, 1), Placement(1, 1)]
+        (alone,) = reranker.place(1)
+        assert alone == Placement(0, 2)  # an idle embedder leaves the reranker every thread
+        assert embedder.place(2) == [Placement(1, 1), Placement(2, 1)]
+        assert (embedder.free, reranker.free) == (0, 1)
+        assert reranker.place(1) == [Placement(1, 1)]
+        reranker.release(alone)
+        assert shared.spare == -1  # three batches on one thread each, two threads
+        assert reranker.free == 1 and embedder.free == 0
+        (again,) = reranker.place(1)
+        assert again == Placement(0, 1)  # free again: whoever places next takes it
     finally:
-        workers.shutdown()
+        embedder.shutdown()
+        reranker.shutdown()
 
 
-def test_a_second_cpu_model_leaves_the_one_parallel_worker_to_the_embedder(
+def test_the_parallel_worker_stops_with_the_last_engine_that_shares_it() -> None:
+    shared = SharedThreads(2)
+    first = ForwardWorkers("first", 1, shared)
+    second = ForwardWorkers("second", 1, shared)
+    first_ids = first.native_ids()
+    first.shutdown()
+    assert second.native_ids()[0] == first_ids[0]  # the same thread, still running
+    second.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        shared.parallel.submit(threading.get_native_id)
+
+
+def test_a_reranker_beside_the_embedder_runs_on_every_thread_when_the_embedder_is_idle(
     cross_encoder_folder: Path,
 ) -> None:
     config = dataclasses.replace(TEST_CONFIG, reranker=cross_encoder_folder, warmup=False)
     with built_registry(config) as registry:
         embedder = registry.embedders[registry.default_embedder].engine
         reranker = registry.rerankers[registry.default_reranker].engine
-        assert embedder.workers.parallel and not reranker.workers.parallel
-        assert [p.threads for p in embedder.workers.place(1)] == [2]
-        assert [p.threads for p in reranker.workers.place(1)] == [1]
+        assert embedder.workers.threads is reranker.workers.threads
+        (rerank,) = reranker.workers.place(1)
+        assert rerank == Placement(0, 2)
+        assert embedder.workers.place(1) == [Placement(1, 1)]
+        reranker.workers.release(rerank)
+        assert embedder.workers.place(1) == [Placement(0, 1)]  # one is still held
 
 
 def test_off_the_cpu_threads_are_left_alone() -> None:
-    workers = ForwardWorkers("t", 1, cpu_threads=0)
+    workers = ForwardWorkers("t", 1, SharedThreads(0))
     try:
         assert workers.place(1) == [Placement(0, 0)]
     finally:

@@ -17,7 +17,7 @@ from test_telemetry import scrape, value
 
 from embedserve.service.config import add_arguments, from_namespace
 from embedserve.service.engine.host_memory import MALLOC_TRIM, HostMemoryTrimmer
-from embedserve.service.engine.workers import ForwardWorkers
+from embedserve.service.engine.workers import ForwardWorkers, SharedThreads
 from embedserve.v1 import embed_service_pb2
 
 
@@ -147,7 +147,7 @@ async def _trim_after_a_batch() -> None:
 
     trimmer = HostMemoryTrimmer(3600, fake, rss=read_rss)
     trimmer.learn_headroom(before=1, peak=2)
-    workers = ForwardWorkers("t", 1, cpu_threads=1, host_memory=trimmer)
+    workers = ForwardWorkers("t", 1, SharedThreads(1), host_memory=trimmer)
     try:
         (placement,) = workers.place(1)
         batch_thread = await workers.run(placement, threading.get_native_id)

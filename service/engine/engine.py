@@ -34,7 +34,7 @@ from embedserve.service.engine.stats import EngineStats
 from embedserve.service.engine.throughput import DrainRate
 from embedserve.service.engine.tokenizer_pool import TokenizerPool
 from embedserve.service.engine.work import Lane, Outcome, QueuedSequence, WorkRequest
-from embedserve.service.engine.workers import ForwardWorkers, Placement
+from embedserve.service.engine.workers import ForwardWorkers, Placement, SharedThreads
 from embedserve.service.models.base import ModelAdapter
 from embedserve.service.telemetry.engine_hooks import EngineTelemetry
 
@@ -68,19 +68,16 @@ class Engine:
         limits: BatchLimits,
         telemetry: EngineTelemetry | None = None,
         *,
-        forward_nice: int = 0,
+        threads: SharedThreads,
         forward_workers: int = 1,
-        cpu_threads: int = 0,
         host_memory: HostMemoryTrimmer | None = None,
         cuda_graph_tokens: int = 0,
-        parallel_worker: bool = True,
     ) -> None:
-        """``forward_workers`` batches may run at once, sharing ``cpu_threads`` torch
-        threads (0: not on a CPU; see ``workers.py``). ``host_memory``: the process's
-        trimmer of freed host memory (``host_memory.py``), if any. ``cuda_graph_tokens``:
-        batches of up to this many padded tokens replay CUDA graphs captured at start
-        (``cuda_graphs.py``; 0: none). ``parallel_worker``: whether this engine's worker 0
-        runs batches on several CPU threads (``workers.py``: one per process)."""
+        """``forward_workers`` batches may run at once, on the CPU threads and the parallel
+        worker that ``threads`` holds for every engine of the process (``workers.py``).
+        ``host_memory``: the process's trimmer of freed host memory (``host_memory.py``), if
+        any. ``cuda_graph_tokens``: batches of up to this many padded tokens replay CUDA
+        graphs captured at start (``cuda_graphs.py``; 0: none)."""
         limits.validate(adapter.max_input_tokens)
         self.adapter = adapter
         self.telemetry = telemetry or EngineTelemetry(adapter.name, "", None, None)
@@ -90,7 +87,10 @@ class Engine:
         self._runner = BatchRunner(adapter)
         self._cuda_graph_tokens = cuda_graph_tokens
         self.workers = ForwardWorkers(
-            adapter.name, forward_workers, cpu_threads, forward_nice, host_memory, parallel_worker
+            adapter.name,
+            forward_workers,
+            threads,
+            host_memory,
         )
         self._tokenizer = TokenizerPool(adapter.name)
         self._scheduler = Scheduler(limits, self._expire)
@@ -398,8 +398,8 @@ class Engine:
     async def _warm_other_workers(self, longest: list[int]) -> None:
         """One short forward pass on each free worker, together, so that what a thread sets
         up on its first forward (allocator and kernel caches) is done before the first burst
-        rather than during it. They run on one thread each: only worker 0 makes an OpenMP
-        team (``workers.py``)."""
+        rather than during it. They run on one thread each: only the parallel worker makes an
+        OpenMP team (``workers.py``)."""
         others = self.workers.place(self.workers.free) if self.workers.free else []
         try:
             await asyncio.gather(

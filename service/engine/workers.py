@@ -12,13 +12,16 @@ OpenMP team that belongs to the thread that issued it, and the team's threads li
 it. Once the process's teams hold more threads than it has CPUs, libgomp stops letting idle
 team threads spin and puts them to sleep, and every parallel region then pays a futex wake:
 a one-sentence forward on 2 threads took 13 ms instead of 5.5 (tenth session,
-docs/benchmarks.md). So exactly one thread ever runs a batch on more than one thread:
-worker 0. It takes the threads that running batches do not hold, less one for each other
-batch starting with it; every other worker runs on one thread, which needs no team; and the
-server's main thread never runs a parallel region (``server.py``). A batch that starts with
-worker 0 free goes to it, so one caller gets every thread and waits no longer than with a
-single worker. Bookkeeping happens on the event loop only; the workers just run what they
-get.
+docs/benchmarks.md). So exactly one thread ever runs a batch on more than one thread: the
+parallel worker, which ``SharedThreads`` holds for every engine of the process (an embedder
+and a reranker alike). A batch placed on it takes the threads that running batches do not
+hold, less one for each other batch starting with it; every other worker belongs to one
+engine and runs on one thread, which needs no team; and the server's main thread never runs
+a parallel region (``server.py``). A batch that starts with the parallel worker free goes to
+it, so one caller of either model gets every thread and waits no longer than with a single
+worker. Each engine has as many workers of its own as batches it may run at once, so that a
+batch of one model never waits for the other's. Bookkeeping happens on the event loop only;
+the workers just run what they get.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from embedserve.service.engine.host_memory import HostMemoryTrimmer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The one worker that runs batches on more than one thread (module docstring).
+# The worker index of the one worker that runs batches on more than one thread (module
+# docstring); an engine's own workers are 1 and up.
 PARALLEL_WORKER = 0
 
 
@@ -50,77 +54,117 @@ class Placement:
     threads: int
 
 
+class SharedThreads:
+    """The CPU threads that every engine of a process shares, and the parallel worker, the
+    one thread that may run a batch on several of them (module docstring).
+
+    Engines attach when they build their workers and detach when they shut them down; the
+    last to detach shuts the parallel worker down, after the batch it runs, if any.
+    """
+
+    def __init__(self, cpu_threads: int, nice: int = 0, name: str = "parallel") -> None:
+        """``cpu_threads``: torch threads to share (0: not on a CPU). ``nice``: how much
+        lower than the event loop every forward thread runs (``_lower_priority``)."""
+        self.cpu_threads = cpu_threads
+        self.nice = nice
+        self.in_use = 0
+        self.parallel_free = True
+        self.parallel = _executor(f"forward-{name}", nice)
+        self._engines = 0
+
+    @property
+    def spare(self) -> int:
+        """Threads that no running batch holds (negative while oversubscribed)."""
+        return self.cpu_threads - self.in_use
+
+    def attach(self) -> None:
+        self._engines += 1
+
+    def detach(self) -> None:
+        self._engines -= 1
+        if self._engines <= 0:
+            self.parallel.shutdown(wait=True)
+
+
 class ForwardWorkers:
+    """One engine's forward workers: up to ``count`` of its batches at once, on the shared
+    parallel worker when it is free and otherwise on workers of its own."""
+
     def __init__(
         self,
         name: str,
         count: int,
-        cpu_threads: int,
-        nice: int = 0,
+        threads: SharedThreads,
         host_memory: HostMemoryTrimmer | None = None,
-        parallel: bool = True,
     ) -> None:
-        """``count`` workers sharing ``cpu_threads`` torch threads (0: not on a CPU).
-
-        ``host_memory``: trimmed on a worker after a batch, when due (``host_memory.py``).
-        ``parallel``: whether worker 0 runs batches on several threads. A process's second
-        set of workers (a second model's) has none, so that one team stays the only one.
-        """
+        """``host_memory``: trimmed on a worker after a batch, when due (``host_memory.py``)."""
         if count < 1:
             raise ValueError("forward workers must be at least 1")
         self.count = count
-        self.cpu_threads = cpu_threads
+        self.threads = threads
         self.host_memory = host_memory
-        self.parallel = parallel
-        self._executors = [
-            ThreadPoolExecutor(
-                1,
-                thread_name_prefix=f"forward-{name}-{index}",
-                initializer=_lower_priority,
-                initargs=(nice,),
-            )
-            for index in range(count)
-        ]
-        self._free = list(range(count - 1, -1, -1))  # descending: popped lowest first
-        self._threads_in_use = 0
+        # Workers 1..count: as many as batches may run, for when another engine holds the
+        # parallel worker. Their threads start on first use.
+        self._own = [_executor(f"forward-{name}-{index}", threads.nice) for index in range(count)]
+        self._free_own = list(range(count, 0, -1))  # descending: popped lowest first
+        self._running = 0
+        threads.attach()
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads.cpu_threads
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Batches this engine may start now."""
+        return self.count - self._running
 
     @property
     def busy(self) -> int:
-        return self.count - len(self._free)
+        """This engine's batches running now."""
+        return self._running
 
     def place(self, batches: int) -> list[Placement]:
         """Reserve a worker for each of ``batches`` batches starting now (at most ``free``):
-        the lowest free ones. Worker 0 gets the threads no running batch holds, less one for
-        each other batch starting with it, and at least one; the others get one each."""
-        if not 0 < batches <= len(self._free):
-            raise ValueError(f"cannot place {batches} batches on {len(self._free)} free workers")
-        chosen = [self._free.pop() for _ in range(batches)]
-        spare = self.cpu_threads - self._threads_in_use
+        the parallel worker first when no engine holds it, then this engine's lowest free
+        ones. The parallel worker gets the threads no running batch holds, less one for each
+        other batch starting with it, and at least one; the others get one each."""
+        if not 0 < batches <= self.free:
+            raise ValueError(f"cannot place {batches} batches on {self.free} free workers")
+        shared = self.threads
+        chosen: list[int] = []
+        if shared.parallel_free:
+            shared.parallel_free = False
+            chosen.append(PARALLEL_WORKER)
+        while len(chosen) < batches:
+            chosen.append(self._free_own.pop())
+        spare = shared.spare
         placements = []
         for worker in chosen:
-            if not self.cpu_threads:
+            if not shared.cpu_threads:
                 threads = 0
-            elif worker == PARALLEL_WORKER and self.parallel:
+            elif worker == PARALLEL_WORKER:
                 threads = max(1, spare - (batches - 1))
             else:
                 threads = 1
-            self._threads_in_use += threads
+            shared.in_use += threads
             placements.append(Placement(worker, threads))
+        self._running += batches
         return placements
 
     def release(self, placement: Placement) -> None:
-        self._threads_in_use -= placement.threads
-        self._free.append(placement.worker)
-        self._free.sort(reverse=True)
+        self._running -= 1
+        self.threads.in_use -= placement.threads
+        if placement.worker == PARALLEL_WORKER:
+            self.threads.parallel_free = True
+        else:
+            self._free_own.append(placement.worker)
+            self._free_own.sort(reverse=True)
 
     def run(self, placement: Placement, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run ``job(*args)`` on the placement's worker; the caller releases the placement."""
         loop = asyncio.get_running_loop()
-        executor = self._executors[placement.worker]
+        executor = self._executor(placement.worker)
         future = loop.run_in_executor(executor, job, *args)
         if self.host_memory is not None and self.host_memory.interval_elapsed():
             # Queued behind the job on the same thread: the job's result does not wait for
@@ -130,12 +174,24 @@ class ForwardWorkers:
         return future
 
     def native_ids(self) -> list[int]:
-        """The workers' thread ids (for tests and operators: priorities, profiles)."""
-        return [ex.submit(threading.get_native_id).result() for ex in self._executors]
+        """The thread ids of the parallel worker and of this engine's own workers (for
+        tests and operators: priorities, profiles). Starts any own worker not started yet."""
+        executors = [self.threads.parallel, *self._own]
+        return [ex.submit(threading.get_native_id).result() for ex in executors]
 
     def shutdown(self) -> None:
-        for executor in self._executors:
+        for executor in self._own:
             executor.shutdown(wait=True)
+        self.threads.detach()
+
+    def _executor(self, worker: int) -> ThreadPoolExecutor:
+        return self.threads.parallel if worker == PARALLEL_WORKER else self._own[worker - 1]
+
+
+def _executor(name: str, nice: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        1, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,)
+    )
 
 
 def _lower_priority(nice: int) -> None:
