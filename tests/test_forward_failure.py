@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from harness import serving
 
+from embedserve.service.engine.runner import ThreadCount
 from embedserve.v1 import embed_service_pb2
 
 
@@ -24,7 +25,7 @@ def test_a_failed_forward_fails_its_callers_and_the_server_keeps_serving(
         real_run = runner.run
         failures = {"left": 1}
 
-        def failing_run(batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+        def failing_run(batch: Sequence[Sequence[int]], threads: ThreadCount = 0) -> np.ndarray:
             if failures["left"]:
                 failures["left"] -= 1
                 raise RuntimeError("simulated device failure")

@@ -24,6 +24,7 @@ from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.runner import ThreadCount
 from embedserve.service.engine.work import Lane
 from embedserve.service.engine.workers import ForwardWorkers, Placement, SharedThreads
 from embedserve.service.registry import ModelRegistry
@@ -79,12 +80,16 @@ def test_a_batch_beside_a_running_one_gets_what_is_left_and_at_least_one() -> No
     workers = ForwardWorkers("t", 2, SharedThreads(2))
     try:
         (first,) = workers.place(1)
+        threads_of_first = workers.thread_count(first)
+        assert (first.threads, threads_of_first()) == (2, 2)
         (second,) = workers.place(1)
-        assert (first.threads, second.threads) == (2, 1)  # oversubscribed until first ends
+        assert second.threads == 1
+        assert threads_of_first() == 1  # from its next layer on: no oversubscription
         workers.release(first)
         (third,) = workers.place(1)
         assert third.threads == 1  # the second batch still holds one
         workers.release(second)
+        assert workers.thread_count(third)() == 2  # the rest of it runs on both
         workers.release(third)
         assert workers.place(2) == [Placement(third.worker, 1), Placement(second.worker, 1)]
     finally:
@@ -117,16 +122,20 @@ def test_engines_share_the_parallel_worker_and_the_threads() -> None:
     embedder = ForwardWorkers("embedder", 2, shared)
     reranker = ForwardWorkers("reranker", 2, shared)
     try:
-        (alone,) = reranker.place(1)
-        assert alone == Placement(0, 2)  # an idle embedder leaves the reranker every thread
-        assert embedder.place(2) == [Placement(1, 1), Placement(2, 1)]
+        (rerank,) = reranker.place(1)
+        assert rerank == Placement(0, 2)  # an idle embedder leaves the reranker every thread
+        threads_of_rerank = reranker.thread_count(rerank)
+        embeds = embedder.place(2)
+        assert embeds == [Placement(1, 1), Placement(2, 1)]
+        assert threads_of_rerank() == 1  # never fewer than one
         assert (embedder.free, reranker.free) == (0, 1)
         assert reranker.place(1) == [Placement(1, 1)]
-        reranker.release(alone)
-        assert shared.spare == -1  # three batches on one thread each, two threads
-        assert reranker.free == 1 and embedder.free == 0
-        (again,) = reranker.place(1)
-        assert again == Placement(0, 1)  # free again: whoever places next takes it
+        for embed in embeds:
+            embedder.release(embed)
+        assert threads_of_rerank() == 1  # the reranker's other batch holds one
+        reranker.release(rerank)
+        (embed,) = embedder.place(1)
+        assert embed == Placement(0, 1)  # free again: whoever places next takes it
     finally:
         embedder.shutdown()
         reranker.shutdown()
@@ -217,6 +226,7 @@ class Recorder:
     """Wraps the runner: records each batch and can keep batches running until let go."""
 
     batches: list[tuple[int, int, int]] = field(default_factory=list)  # size, threads, torch's
+    thread_counts: list[ThreadCount] = field(default_factory=list)  # what each batch reads
     gate: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: int = 0
@@ -225,14 +235,16 @@ class Recorder:
     def wrap(self, engine: Engine) -> None:
         real_run = engine._runner.run
 
-        def run(batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+        def run(batch: Sequence[Sequence[int]], threads: ThreadCount = 0) -> np.ndarray:
             with self.lock:
                 self.running += 1
                 self.most_at_once = max(self.most_at_once, self.running)
             try:
                 rows = real_run(batch, threads)
                 # Read on the worker, after the runner set it: what torch really used.
-                self.batches.append((len(batch), threads, torch.get_num_threads()))
+                asked = threads() if callable(threads) else threads
+                self.thread_counts.append(threads)
+                self.batches.append((len(batch), asked, torch.get_num_threads()))
                 assert self.gate.wait(30), "the test never let the batch finish"
                 return rows
             finally:
@@ -374,6 +386,9 @@ def test_a_small_queue_waits_for_the_running_batch_and_a_large_one_does_not(
     assert recorder.running == 2
     assert recorder.batches[0] == (1, 2, 2)
     assert recorder.batches[1] == (8, 1, 1)  # beside a 2-thread batch: the one left over
+    # From its next layer on, the first batch gives that thread back (engine/runner.py).
+    first, second = (count() if callable(count) else count for count in recorder.thread_counts)
+    assert (first, second) == (1, 1)
     recorder.gate.set()
     wait_until(lambda: computed(server) == before + 9, what="every request to finish")
     assert queued(server) == 0
@@ -386,7 +401,7 @@ def test_a_failed_batch_fails_only_its_callers_while_the_other_worker_runs(
     recorded_run = engine._runner.run
     poison = [9, 9, 9]
 
-    def run(batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+    def run(batch: Sequence[Sequence[int]], threads: ThreadCount = 0) -> np.ndarray:
         if list(batch[0]) == poison:
             raise RuntimeError("simulated device failure")
         return recorded_run(batch, threads)

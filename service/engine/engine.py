@@ -123,7 +123,7 @@ class Engine:
             (first,) = self.workers.place(1)
             try:
                 _, seconds = await self.workers.run(
-                    first, self._timed_forward, batch, first.threads
+                    first, self._timed_forward, batch, self.workers.thread_count(first)
                 )
                 await self._warm_other_workers(batch[0])
             finally:
@@ -404,7 +404,12 @@ class Engine:
         try:
             await asyncio.gather(
                 *(
-                    self.workers.run(placement, self._timed_forward, [longest], placement.threads)
+                    self.workers.run(
+                        placement,
+                        self._timed_forward,
+                        [longest],
+                        self.workers.thread_count(placement),
+                    )
                     for placement in others
                 )
             )
@@ -449,7 +454,8 @@ class Engine:
             running = _RunningBatch(
                 self._batch_counter, batch, padded, loop.time(), placement, parallel, span
             )
-            outputs = self.workers.run(placement, self._timed_forward, ids, placement.threads)
+            threads = self.workers.thread_count(placement)
+            outputs = self.workers.run(placement, self._timed_forward, ids, threads)
             outputs.add_done_callback(functools.partial(self._forward_done, running))
 
     def _batches_worth_starting(self) -> int:
@@ -494,7 +500,9 @@ class Engine:
         self._finished.append((running, outputs))
         self._wakeup.set()
 
-    def _timed_forward(self, ids: list[list[int]], threads: int) -> tuple[np.ndarray, float]:
+    def _timed_forward(
+        self, ids: list[list[int]], threads: Callable[[], int]
+    ) -> tuple[np.ndarray, float]:
         # Timed on the worker: seen from the event loop, the time would include however
         # long the loop took to notice, and under load the drain rate computed from it
         # would fall, refuse more calls, load the loop more, and so on.

@@ -5,9 +5,10 @@ Runs on the engine's forward workers; one runner serves them all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from embedserve.service.engine.cuda_graphs import GraphedForward, shapes_for
 from embedserve.service.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
+
+# A batch's torch threads: a count, or what to read for it before each layer.
+ThreadCount = int | Callable[[], int]
 
 # Tensor cores want the sequence dimension in multiples of 8 on the GPU.
 _CUDA_WIDTH_MULTIPLE = 8
@@ -38,6 +42,11 @@ class BatchRunner:
             self._stream = None
         # torch's thread count is per calling thread: each forward worker keeps its own.
         self._threads = threading.local()
+        if not self._cuda:
+            # A batch's thread count may change while it runs (workers.py, SharedThreads):
+            # it is read again where each layer starts.
+            for module in adapter.thread_checkpoints():
+                module.register_forward_pre_hook(self._follow_threads)
 
     def capture_graphs(self, max_rows: int, max_tokens: int) -> float:
         """Capture CUDA graphs of the forward for batches of up to ``max_rows`` rows and
@@ -57,14 +66,15 @@ class BatchRunner:
             width = -(-width // _CUDA_WIDTH_MULTIPLE) * _CUDA_WIDTH_MULTIPLE
         return width
 
-    def run(self, batch: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+    def run(self, batch: Sequence[Sequence[int]], threads: ThreadCount = 0) -> np.ndarray:
         """One output row a sequence, as float32 on the host.
 
-        ``threads``: torch threads for this batch on the CPU (0: as they are).
+        ``threads``: torch threads for this batch on the CPU (0: as they are), or what to
+        read for them when the batch starts and before each layer.
         """
-        if threads and getattr(self._threads, "count", 0) != threads:
-            torch.set_num_threads(threads)
-            self._threads.count = threads
+        wanted = threads if callable(threads) else functools.partial(int, threads)
+        self._threads.wanted = wanted
+        self._set_threads(wanted())
         if not self._cuda:
             return self._forward(batch)
         try:
@@ -78,6 +88,16 @@ class BatchRunner:
             log.warning("out of GPU memory on a batch of %d; splitting it", len(batch))
             middle = len(batch) // 2
             return np.concatenate([self.run(batch[:middle]), self.run(batch[middle:])])
+
+    def _set_threads(self, count: int) -> None:
+        if count and getattr(self._threads, "count", 0) != count:
+            torch.set_num_threads(count)
+            self._threads.count = count
+
+    def _follow_threads(self, _module: torch.nn.Module, _args: object) -> None:
+        wanted = getattr(self._threads, "wanted", None)
+        if wanted is not None:
+            self._set_threads(wanted())
 
     def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         width = self.padded_width([len(ids) for ids in batch])

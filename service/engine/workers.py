@@ -14,9 +14,9 @@ team threads spin and puts them to sleep, and every parallel region then pays a 
 a one-sentence forward on 2 threads took 13 ms instead of 5.5 (tenth session,
 docs/benchmarks.md). So exactly one thread ever runs a batch on more than one thread: the
 parallel worker, which ``SharedThreads`` holds for every engine of the process (an embedder
-and a reranker alike). A batch placed on it takes the threads that running batches do not
-hold, less one for each other batch starting with it; every other worker belongs to one
-engine and runs on one thread, which needs no team; and the server's main thread never runs
+and a reranker alike). A batch on it runs on the threads that the other running batches do
+not hold, re-read before each layer; every other worker belongs to one engine and runs on
+one thread, which needs no team; and the server's main thread never runs
 a parallel region (``server.py``). A batch that starts with the parallel worker free goes to
 it, so one caller of either model gets every thread and waits no longer than with a single
 worker. Each engine has as many workers of its own as batches it may run at once, so that a
@@ -58,6 +58,11 @@ class SharedThreads:
     """The CPU threads that every engine of a process shares, and the parallel worker, the
     one thread that may run a batch on several of them (module docstring).
 
+    The parallel worker's batch runs on the threads that the one-thread batches of every
+    engine leave, and at least one, re-read before each layer (``parallel_threads``): a
+    batch that starts beside it takes a thread from it at the next layer rather than
+    oversubscribing the CPU until it ends, and gives it back when it ends.
+
     Engines attach when they build their workers and detach when they shut them down; the
     last to detach shuts the parallel worker down, after the batch it runs, if any.
     """
@@ -67,15 +72,18 @@ class SharedThreads:
         lower than the event loop every forward thread runs (``_lower_priority``)."""
         self.cpu_threads = cpu_threads
         self.nice = nice
-        self.in_use = 0
         self.parallel_free = True
         self.parallel = _executor(f"forward-{name}", nice)
+        self.one_thread_batches = 0
         self._engines = 0
 
     @property
-    def spare(self) -> int:
-        """Threads that no running batch holds (negative while oversubscribed)."""
-        return self.cpu_threads - self.in_use
+    def parallel_threads(self) -> int:
+        """The threads for the parallel worker's batch now (0: leave torch's setting alone).
+        Written on the event loop, read on the parallel worker: one int, under the GIL."""
+        if not self.cpu_threads:
+            return 0
+        return max(1, self.cpu_threads - self.one_thread_batches)
 
     def attach(self) -> None:
         self._engines += 1
@@ -105,7 +113,9 @@ class ForwardWorkers:
         self.host_memory = host_memory
         # Workers 1..count: as many as batches may run, for when another engine holds the
         # parallel worker. Their threads start on first use.
-        self._own = [_executor(f"forward-{name}-{index}", threads.nice) for index in range(count)]
+        self._own = [
+            _executor(f"forward-{name}-{worker}", threads.nice) for worker in range(1, count + 1)
+        ]
         self._free_own = list(range(count, 0, -1))  # descending: popped lowest first
         self._running = 0
         threads.attach()
@@ -127,39 +137,35 @@ class ForwardWorkers:
     def place(self, batches: int) -> list[Placement]:
         """Reserve a worker for each of ``batches`` batches starting now (at most ``free``):
         the parallel worker first when no engine holds it, then this engine's lowest free
-        ones. The parallel worker gets the threads no running batch holds, less one for each
-        other batch starting with it, and at least one; the others get one each."""
+        ones. The parallel worker starts with the threads that the batches on one thread
+        leave (``SharedThreads``); the others get one each."""
         if not 0 < batches <= self.free:
             raise ValueError(f"cannot place {batches} batches on {self.free} free workers")
         shared = self.threads
-        chosen: list[int] = []
-        if shared.parallel_free:
-            shared.parallel_free = False
-            chosen.append(PARALLEL_WORKER)
-        while len(chosen) < batches:
-            chosen.append(self._free_own.pop())
-        spare = shared.spare
-        placements = []
-        for worker in chosen:
-            if not shared.cpu_threads:
-                threads = 0
-            elif worker == PARALLEL_WORKER:
-                threads = max(1, spare - (batches - 1))
-            else:
-                threads = 1
-            shared.in_use += threads
-            placements.append(Placement(worker, threads))
+        parallel = shared.parallel_free
+        shared.parallel_free = False
+        own = [self._free_own.pop() for _ in range(batches - parallel)]
+        one_thread = 1 if shared.cpu_threads else 0
+        shared.one_thread_batches += len(own) * one_thread
         self._running += batches
-        return placements
+        placements = [Placement(PARALLEL_WORKER, shared.parallel_threads)] if parallel else []
+        return placements + [Placement(worker, one_thread) for worker in own]
 
     def release(self, placement: Placement) -> None:
         self._running -= 1
-        self.threads.in_use -= placement.threads
         if placement.worker == PARALLEL_WORKER:
             self.threads.parallel_free = True
         else:
+            self.threads.one_thread_batches -= placement.threads
             self._free_own.append(placement.worker)
             self._free_own.sort(reverse=True)
+
+    def thread_count(self, placement: Placement) -> Callable[[], int]:
+        """What a batch on ``placement`` reads for its torch threads before each layer."""
+        if placement.worker == PARALLEL_WORKER:
+            shared = self.threads
+            return lambda: shared.parallel_threads
+        return lambda: placement.threads
 
     def run(self, placement: Placement, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run ``job(*args)`` on the placement's worker; the caller releases the placement."""

@@ -79,6 +79,12 @@ class ModelAdapter(ABC):
     def warmup_input(self) -> list[int]:
         """Token ids of a longest-possible sequence, used to warm up with a full-size batch."""
 
+    def thread_checkpoints(self) -> Sequence[torch.nn.Module]:
+        """Modules that every forward path of this model calls once a layer: where a CPU
+        batch's thread count may change while it runs (``engine/runner.py``). None: the
+        count is set once a batch."""
+        return ()
+
 
 class EmbeddingAdapter(ModelAdapter):
     kind = ModelKind.EMBEDDING
@@ -116,6 +122,21 @@ class RerankerAdapter(ModelAdapter):
 
     def warmup_input(self) -> list[int]:
         return self.tokenizer.longest_input()
+
+
+def layer_checkpoints(model: torch.nn.Module, inner: str) -> list[torch.nn.Module]:
+    """For ``thread_checkpoints``: the submodule ``inner`` of each of ``model``'s
+    transformer layers (its longest ModuleList), or the layer itself where it has none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    checkpoints = []
+    for layer in max(lists, key=len):
+        try:
+            checkpoints.append(layer.get_submodule(inner))
+        except AttributeError:  # another architecture: its layer, which Hugging Face calls
+            checkpoints.append(layer)
+    return checkpoints
 
 
 def gather_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from embedserve.service.models.base import DeviceSpec, ModelLoadError, RerankerAdapter, RerankMethod
+from embedserve.service.models.base import (
+    DeviceSpec,
+    ModelLoadError,
+    RerankerAdapter,
+    RerankMethod,
+    layer_checkpoints,
+)
 from embedserve.service.models.folder import load_config, load_weights, max_positions
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.tokenization import TextTokenizer, TokenizedInput, Truncation
@@ -47,6 +53,9 @@ class CrossEncoderReranker(RerankerAdapter):
         self, query: str, documents: Sequence[str], instruction: str, truncation: Truncation
     ) -> list[TokenizedInput]:
         return self.tokenizer.encode_pairs(query, documents, truncation)
+
+    def thread_checkpoints(self) -> list[torch.nn.Module]:
+        return layer_checkpoints(self._model, "attention.output.LayerNorm")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -20,6 +20,7 @@ from embedserve.service.models.base import (
     RerankerAdapter,
     RerankMethod,
     gather_last_token,
+    layer_checkpoints,
 )
 from embedserve.service.models.folder import (
     QWEN3_OPERATING_LENGTH,
@@ -105,6 +106,10 @@ class Qwen3Embedder(EmbeddingAdapter):
     def query_prefix(self, instruction: str) -> str:
         return f"Instruct: {instruction}\nQuery:"
 
+    def thread_checkpoints(self) -> list[torch.nn.Module]:
+        # Called first in each layer by Hugging Face's forward and by the packed one.
+        return layer_checkpoints(self._model, "input_layernorm")
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return self._packed(input_ids, attention_mask).last()
@@ -167,6 +172,9 @@ class Qwen3Reranker(RerankerAdapter):
     @property
     def padding_free(self) -> bool:
         return self._packed is not None
+
+    def thread_checkpoints(self) -> list[torch.nn.Module]:
+        return layer_checkpoints(self._backbone, "input_layernorm")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:

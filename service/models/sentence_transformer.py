@@ -12,6 +12,7 @@ from embedserve.service.models.base import (
     EmbeddingAdapter,
     ModelLoadError,
     gather_last_token,
+    layer_checkpoints,
     mean_pool,
 )
 from embedserve.service.models.folder import (
@@ -76,6 +77,11 @@ class SentenceTransformerEmbedder(EmbeddingAdapter):
     def query_prefix(self, instruction: str) -> str:
         # sentence-transformers prompts are plain prefixes.
         return instruction
+
+    def thread_checkpoints(self) -> list[torch.nn.Module]:
+        # BERT's attention output norm: Hugging Face's forward and the packed one (which
+        # calls no layer module, packed_bert.py) both call it once a layer.
+        return layer_checkpoints(self._model, "attention.output.LayerNorm")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
