@@ -20,6 +20,9 @@ NAME=INTERPRETER`` runs that server on another interpreter, so that another chec
 
 ``--workload rerank`` measures Rerank calls instead, of one query and ``--documents``
 documents (20 to 60 words each), for the servers' ``--reranker`` (name it in their flags).
+``--beside-reranks N`` keeps N callers of such Rerank calls busy in the background while a
+server is measured: the embedder's latency beside a reranker that shares its CPU, and the
+reranks' own calls/s and p50 over that time (``beside_rerank_*``).
 
 Then the load generator (``bench.loadgen``, closed loop, one text a call of ``--workload``:
 ``short`` sentences, or ``mixed`` lengths of 16 to 512 tokens; or the rerank call above)
@@ -35,6 +38,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +49,7 @@ import grpc
 from bench import procs
 from bench import texts as corpus
 from bench.loadgen import LoadSpec, run_load
+from bench.stats import percentile
 from embedserve.v1 import (
     embed_service_pb2,
     embed_service_pb2_grpc,
@@ -55,6 +60,47 @@ from embedserve.v1 import (
 
 def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
+
+
+class BackgroundReranks:
+    """``callers`` threads calling Rerank (one query, ``documents`` documents) in a loop, from
+    entering the block to leaving it; the seconds each finished call took."""
+
+    def __init__(self, address: str, documents: int, callers: int) -> None:
+        query, texts = corpus.rerank_documents(documents)
+        self._request = rerank_service_pb2.RerankRequest(query=query, documents=texts)
+        self._channel = grpc.insecure_channel(address)
+        self._rerank = rerank_service_pb2_grpc.RerankServiceStub(self._channel).Rerank
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(callers)]
+        self.seconds: list[float] = []
+        self.elapsed = 0.0
+
+    def __enter__(self) -> BackgroundReranks:
+        self._started = time.perf_counter()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self.elapsed = time.perf_counter() - self._started
+        self._channel.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            self._rerank(self._request, timeout=120)
+            if not self._stop.is_set():  # a call cut short by the end is not counted
+                self.seconds.append(time.perf_counter() - started)
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "beside_rerank_calls_per_s": round(len(self.seconds) / self.elapsed, 3),
+            "beside_rerank_p50_ms": round(statistics.median(self.seconds or [0.0]) * 1e3, 1),
+        }
 
 
 def measure(
@@ -104,6 +150,7 @@ def measure(
 
     return {
         "round_trip_ms": median([r[0] for r in rows]),
+        "round_trip_p99_ms": round(percentile([r[0] for r in rows], 99) * 1e3, 3),
         "server_total_ms": median([r[1] for r in rows]),
         "forward_ms": median([r[2] for r in rows]),
         "server_other_ms": median([r[1] - r[2] for r in rows]),
@@ -128,6 +175,12 @@ def main() -> None:
     parser.add_argument("--workload", choices=("short", "mixed", "rerank"), default="short")
     parser.add_argument(
         "--documents", type=int, default=20, help="rerank: documents a call, for one query"
+    )
+    parser.add_argument(
+        "--beside-reranks",
+        type=int,
+        default=0,
+        help="callers of Rerank calls kept busy in the background while a server is measured",
     )
     parser.add_argument(
         "--server",
@@ -160,20 +213,12 @@ def main() -> None:
             try:
                 assert server.address is not None
                 rerank = args.documents if args.workload == "rerank" else 0
-                row = measure(server.address, texts, args.calls, rerank)
-                for callers in loads:
-                    spec = LoadSpec(
-                        server.address,
-                        concurrency=callers,
-                        duration=args.duration,
-                        workload=args.workload,
-                        inputs=rerank or 1,
-                    )
-                    load = run_load(spec, procs=1 if callers < 8 else 2)
-                    row[f"c{callers}_rps"] = round(load["rps"], 1)
-                    row[f"c{callers}_tokens_per_s"] = round(load["tokens_per_s"])
-                    row[f"c{callers}_p50_ms"] = round(load["latency_ms"]["p50"], 2)
-                    row[f"c{callers}_p99_ms"] = round(load["latency_ms"]["p99"], 2)
+                background = BackgroundReranks(server.address, args.documents, args.beside_reranks)
+                with background:
+                    row = measure(server.address, texts, args.calls, rerank)
+                    _run_loads(server.address, loads, args, rerank, row)
+                if args.beside_reranks:
+                    row.update(background.figures())
             finally:
                 server.stop()
             results[name].append(row)
@@ -187,6 +232,24 @@ def main() -> None:
     (args.out / "server-ab.json").write_text(
         json.dumps({"rounds": results, "median": summary}, indent=1) + "\n"
     )
+
+
+def _run_loads(
+    address: str, loads: list[int], args: argparse.Namespace, rerank: int, row: dict[str, float]
+) -> None:
+    for callers in loads:
+        spec = LoadSpec(
+            address,
+            concurrency=callers,
+            duration=args.duration,
+            workload=args.workload,
+            inputs=rerank or 1,
+        )
+        load = run_load(spec, procs=1 if callers < 8 else 2)
+        row[f"c{callers}_rps"] = round(load["rps"], 1)
+        row[f"c{callers}_tokens_per_s"] = round(load["tokens_per_s"])
+        row[f"c{callers}_p50_ms"] = round(load["latency_ms"]["p50"], 2)
+        row[f"c{callers}_p99_ms"] = round(load["latency_ms"]["p99"], 2)
 
 
 if __name__ == "__main__":
