@@ -24,12 +24,18 @@ from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 
 from embedserve.service.config import ServerConfig
 from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.engine.runner import ThreadCount
 from embedserve.service.engine.work import Lane
 from embedserve.service.engine.workers import ForwardWorkers, Placement, SharedThreads
+from embedserve.service.models.base import DeviceSpec
+from embedserve.service.models.loading import load_embedder
+from embedserve.service.models.options import ModelOptions
 from embedserve.service.registry import ModelRegistry
-from embedserve.service.server import build_registry, forward_workers
+from embedserve.service.server import _engine, build_registry, forward_workers
+from embedserve.service.telemetry.setup import DISABLED
 
+CPU = DeviceSpec(torch.device("cpu"), torch.float32)
 MAX_BATCH_SIZE = 32  # a quarter of a full batch: 8 sequences
 SEQUENCE = [5, 6, 7, 8]
 
@@ -166,6 +172,21 @@ def test_a_reranker_beside_the_embedder_runs_on_every_thread_when_the_embedder_i
         assert embedder.workers.place(1) == [Placement(1, 1)]
         reranker.workers.release(rerank)
         assert embedder.workers.place(1) == [Placement(0, 1)]  # one is still held
+
+
+def test_off_the_cpu_each_engine_has_a_worker_of_its_own(qwen3_embedding_folder: Path) -> None:
+    """No OpenMP team to share: an engine built without the CPU's SharedThreads (as on a GPU)
+    runs its batches on its own thread, whatever another engine runs."""
+    adapter = load_embedder(ModelOptions(folder=qwen3_embedding_folder, name="e"), CPU)
+    limits = BatchLimits(max_batch_tokens=2048, max_batch_size=8)
+    first, second = (_engine(adapter, limits, DISABLED, TEST_CONFIG, None, None) for _ in range(2))
+    try:
+        assert first.workers.threads is not second.workers.threads
+        assert first.workers.place(1) == [Placement(0, 0)]
+        assert second.workers.place(1) == [Placement(0, 0)]  # not held by the first
+    finally:
+        asyncio.run(first.stop())
+        asyncio.run(second.stop())
 
 
 def test_off_the_cpu_threads_are_left_alone() -> None:

@@ -72,9 +72,9 @@ class SharedThreads:
         lower than the event loop every forward thread runs (``_lower_priority``)."""
         self.cpu_threads = cpu_threads
         self.nice = nice
-        self.parallel_free = True
         self.parallel = _executor(f"forward-{name}", nice)
-        self.one_thread_batches = 0
+        self._parallel_free = True
+        self._one_thread_batches = 0
         self._engines = 0
 
     @property
@@ -83,7 +83,25 @@ class SharedThreads:
         Written on the event loop, read on the parallel worker: one int, under the GIL."""
         if not self.cpu_threads:
             return 0
-        return max(1, self.cpu_threads - self.one_thread_batches)
+        return max(1, self.cpu_threads - self._one_thread_batches)
+
+    def claim_parallel(self) -> bool:
+        """Take the parallel worker if no engine holds it; whether this call took it."""
+        claimed, self._parallel_free = self._parallel_free, False
+        return claimed
+
+    def release_parallel(self) -> None:
+        self._parallel_free = True
+
+    def one_thread_batches_started(self, batches: int) -> int:
+        """Count ``batches`` starting on one thread each; the threads each one gets."""
+        if not self.cpu_threads:
+            return 0
+        self._one_thread_batches += batches
+        return 1
+
+    def one_thread_batch_ended(self, threads: int) -> None:
+        self._one_thread_batches -= threads
 
     def attach(self) -> None:
         self._engines += 1
@@ -142,11 +160,9 @@ class ForwardWorkers:
         if not 0 < batches <= self.free:
             raise ValueError(f"cannot place {batches} batches on {self.free} free workers")
         shared = self.threads
-        parallel = shared.parallel_free
-        shared.parallel_free = False
+        parallel = shared.claim_parallel()
         own = [self._free_own.pop() for _ in range(batches - parallel)]
-        one_thread = 1 if shared.cpu_threads else 0
-        shared.one_thread_batches += len(own) * one_thread
+        one_thread = shared.one_thread_batches_started(len(own))
         self._running += batches
         placements = [Placement(PARALLEL_WORKER, shared.parallel_threads)] if parallel else []
         return placements + [Placement(worker, one_thread) for worker in own]
@@ -154,9 +170,9 @@ class ForwardWorkers:
     def release(self, placement: Placement) -> None:
         self._running -= 1
         if placement.worker == PARALLEL_WORKER:
-            self.threads.parallel_free = True
+            self.threads.release_parallel()
         else:
-            self.threads.one_thread_batches -= placement.threads
+            self.threads.one_thread_batch_ended(placement.threads)
             self._free_own.append(placement.worker)
             self._free_own.sort(reverse=True)
 
