@@ -73,10 +73,14 @@ class BatchRunner:
         read for them when the batch starts and before each layer.
         """
         wanted = threads if callable(threads) else functools.partial(int, threads)
-        self._threads.wanted = wanted
         self._set_threads(wanted())
         if not self._cuda:
-            return self._forward(batch)
+            # Read by this runner's layer hooks on this thread, for this batch only.
+            self._threads.wanted = wanted
+            try:
+                return self._forward(batch)
+            finally:
+                self._threads.wanted = None
         try:
             return self._forward(batch)
         except torch.cuda.OutOfMemoryError:
