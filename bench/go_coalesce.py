@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 from bench import procs
 from bench.loadgen import LoadSpec
-from bench.run import Ceiling, again_command
+from bench.run import Ceiling, again_command, machine_info
 from bench.texts import short_sentences
 
 GOLOAD = procs.ROOT / "build" / "go" / "embedserve-goload"
@@ -185,7 +184,7 @@ def main() -> None:
     summary = summarize(rounds, loads_go, not args.no_python)
     out = {
         "what": __doc__.split("\n\n")[0],
-        "host": {"machine": platform.machine(), "cpus": _cpu_model(), "threads": args.threads},
+        "host": machine_info(args.threads),
         "date": time.strftime("%Y-%m-%d"),
         "ceiling": best,
         "duration_s": args.duration,
@@ -234,16 +233,6 @@ def summarize(rounds: list[dict[str, Any]], loads_go: list[int], python: bool) -
             lambda r: r["go_raw64"]["rps"] / r["python_raw64"]["rps"]
         )
     return summary
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -62,13 +62,18 @@ def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
 
+def rerank_request(documents: int) -> rerank_service_pb2.RerankRequest:
+    """One query and ``documents`` documents of 20 to 60 words (``bench.texts``)."""
+    query, texts = corpus.rerank_documents(documents)
+    return rerank_service_pb2.RerankRequest(query=query, documents=texts)
+
+
 class BackgroundReranks:
     """``callers`` threads calling Rerank (one query, ``documents`` documents) in a loop, from
     entering the block to leaving it; the seconds each finished call took."""
 
     def __init__(self, address: str, documents: int, callers: int) -> None:
-        query, texts = corpus.rerank_documents(documents)
-        self._request = rerank_service_pb2.RerankRequest(query=query, documents=texts)
+        self._request = rerank_request(documents)
         self._channel = grpc.insecure_channel(address)
         self._rerank = rerank_service_pb2_grpc.RerankServiceStub(self._channel).Rerank
         self._stop = threading.Event()
@@ -112,9 +117,8 @@ def measure(
     warmup = min(50, calls)
     call: Callable[[int], Any]
     if rerank_documents:
-        query, documents = corpus.rerank_documents(rerank_documents)
         rerank = rerank_service_pb2_grpc.RerankServiceStub(channel).Rerank
-        ranked = rerank_service_pb2.RerankRequest(query=query, documents=documents)
+        ranked = rerank_request(rerank_documents)
 
         def call(n: int) -> Any:
             return rerank(ranked, timeout=60)

@@ -89,7 +89,7 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
             telemetry.metrics.watch_host_memory(host_memory)
         cpu_threads = torch_threads(config)
         # This thread loads the models and then runs the event loop: it never runs a
-        # parallel region, so that forward worker 0's OpenMP team is the process's only one
+        # parallel region, so that the parallel worker's OpenMP team is the process's only one
         # (engine/workers.py says why). The workers set their own counts per batch.
         torch.set_num_threads(1)
         shared_threads = SharedThreads(cpu_threads, config.forward_nice)
@@ -209,7 +209,9 @@ def _engine(
 ) -> Engine:
     """``shared_threads``: the CPU's, shared by every engine; none off the CPU, where each
     engine runs its batches on a worker of its own, as it has no OpenMP team to share."""
-    threads = shared_threads or SharedThreads(0, config.forward_nice, name=f"{adapter.name}-0")
+    threads = shared_threads
+    if threads is None:
+        threads = SharedThreads(0, config.forward_nice, name=f"{adapter.name}-0")
     try:
         return Engine(
             adapter,

@@ -93,15 +93,11 @@ class SharedThreads:
     def release_parallel(self) -> None:
         self._parallel_free = True
 
-    def one_thread_batches_started(self, batches: int) -> int:
-        """Count ``batches`` starting on one thread each; the threads each one gets."""
-        if not self.cpu_threads:
-            return 0
+    def one_thread_batches_started(self, batches: int) -> None:
         self._one_thread_batches += batches
-        return 1
 
-    def one_thread_batch_ended(self, threads: int) -> None:
-        self._one_thread_batches -= threads
+    def one_thread_batch_ended(self) -> None:
+        self._one_thread_batches -= 1
 
     def attach(self) -> None:
         self._engines += 1
@@ -162,8 +158,9 @@ class ForwardWorkers:
         shared = self.threads
         parallel = shared.claim_parallel()
         own = [self._free_own.pop() for _ in range(batches - parallel)]
-        one_thread = shared.one_thread_batches_started(len(own))
+        shared.one_thread_batches_started(len(own))
         self._running += batches
+        one_thread = 1 if shared.cpu_threads else 0
         placements = [Placement(PARALLEL_WORKER, shared.parallel_threads)] if parallel else []
         return placements + [Placement(worker, one_thread) for worker in own]
 
@@ -172,7 +169,7 @@ class ForwardWorkers:
         if placement.worker == PARALLEL_WORKER:
             self.threads.release_parallel()
         else:
-            self.threads.one_thread_batch_ended(placement.threads)
+            self.threads.one_thread_batch_ended()
             self._free_own.append(placement.worker)
             self._free_own.sort(reverse=True)
 
