@@ -27,16 +27,23 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
-def has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU multiplies bfloat16 matrices in hardware (Intel AMX): there bfloat16
-    weights are faster than float32, where elsewhere they are several times slower."""
+# CPU flags of hardware bfloat16 matrix multiplication, the fastest first. With either,
+# bfloat16 weights ran faster than float32 here (docs/benchmarks.md: 1.65x the calls on an
+# Intel CPU with AMX, 1.96x on an AMD EPYC with AVX512-BF16); without them, several times slower.
+BF16_MATMUL_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def bf16_matmul_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The flag by which this CPU multiplies bfloat16 matrices in hardware, or None."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return False
-    return any(
-        line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines()
-    )
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return next((flag for flag in BF16_MATMUL_FLAGS if flag in flags), None)
 
 
 def available_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:

@@ -21,7 +21,7 @@ from embedserve.service.api.info import InfoServicer, describe
 from embedserve.service.api.rerank import RerankServicer
 from embedserve.service.cache.setup import close_caches, install_caches
 from embedserve.service.config import ServerConfig
-from embedserve.service.cpus import available_cpus, has_amx_bf16
+from embedserve.service.cpus import available_cpus, bf16_matmul_flag
 from embedserve.service.engine.engine import Engine
 from embedserve.service.engine.host_memory import HostMemoryTrimmer
 from embedserve.service.engine.limits import BatchLimits
@@ -109,10 +109,13 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
                 workers,
                 cpu_threads,
             )
-        if device.dtype == torch.float32 and has_amx_bf16():
+        bf16_flag = bf16_matmul_flag() if device.dtype == torch.float32 else None
+        if bf16_flag is not None:
             log.info(
-                "this CPU has AMX-BF16: --dtype bfloat16 is faster here, at a cosine of about "
-                "0.9999 to float32 vectors (docs/benchmarks.md); float32 stays the default"
+                "this CPU multiplies bfloat16 in hardware (%s): --dtype bfloat16 is faster "
+                "here, at a cosine of about 0.9999 to float32 vectors (docs/benchmarks.md); "
+                "float32 stays the default",
+                bf16_flag,
             )
     elif config.forward_workers > 1:
         raise ValueError(

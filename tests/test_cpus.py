@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness import serving
 
-from embedserve.service.cpus import available_cpus, cgroup_cpu_limit, has_amx_bf16
+from embedserve.service.cpus import available_cpus, bf16_matmul_flag, cgroup_cpu_limit
 
 
 def test_cgroup_v2_quota(tmp_path: Path) -> None:
@@ -41,14 +41,20 @@ def _nice_of(task: str) -> int:
     return int(stat.rsplit(")", 1)[1].split()[16])
 
 
-def test_amx_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+def test_hardware_bfloat16_matmul_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
-    # AVX-512 BF16 converts but does not multiply in hardware: not enough.
-    assert has_amx_bf16(cpuinfo) is False
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
-    assert has_amx_bf16(cpuinfo) is True
-    assert has_amx_bf16(tmp_path / "missing") is False
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert bf16_matmul_flag(cpuinfo) is None  # AVX-512 without its BF16 dot products
+    # AVX512-BF16's dot products (VDPBF16PS): bfloat16 ran 1.96x float32's calls on an EPYC.
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert bf16_matmul_flag(cpuinfo) == "avx512_bf16"
+    # AMX's tiles come first where a CPU has both.
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n")
+    assert bf16_matmul_flag(cpuinfo) == "amx_bf16"
+    # A flag of the same prefix is not the flag, and a model name is not a flag line.
+    cpuinfo.write_text("model name\t: amx_bf16 avx512_bf16\nflags\t\t: fpu amx_bf16x\n")
+    assert bf16_matmul_flag(cpuinfo) is None
+    assert bf16_matmul_flag(tmp_path / "missing") is None
 
 
 def test_forward_thread_and_its_torch_workers_run_nicer(qwen3_embedding_folder: Path) -> None:

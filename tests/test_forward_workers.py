@@ -222,13 +222,14 @@ def test_more_workers_than_threads_is_allowed_and_warned(
     assert "up to 3 threads may compete for 1" in caplog.text
 
 
-def test_start_up_on_the_cpu_names_the_bfloat16_option_where_amx_has_it(
+def test_start_up_on_the_cpu_names_the_bfloat16_option_where_the_cpu_has_it(
     qwen3_embedding_folder: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The CPU checks at start-up all run: the AMX hint beside the thread and worker counts."""
+    """The CPU checks at start-up all run: the bfloat16 hint beside the thread and worker
+    counts, naming the flag that makes bfloat16 fast."""
     config = dataclasses.replace(TEST_CONFIG, model=qwen3_embedding_folder, warmup=False)
-    for amx in (True, False):
-        monkeypatch.setattr("embedserve.service.server.has_amx_bf16", lambda amx=amx: amx)
+    for flag in ("avx512_bf16", "amx_bf16", None):
+        monkeypatch.setattr("embedserve.service.server.bf16_matmul_flag", lambda flag=flag: flag)
         caplog.clear()
         with (
             caplog.at_level(logging.INFO, logger="embedserve.service.server"),
@@ -236,7 +237,9 @@ def test_start_up_on_the_cpu_names_the_bfloat16_option_where_amx_has_it(
         ):
             pass
         assert "torch threads" in caplog.text
-        assert ("this CPU has AMX-BF16" in caplog.text) is amx
+        hinted = f"this CPU multiplies bfloat16 in hardware ({flag})" in caplog.text
+        assert hinted is (flag is not None)
+        assert ("--dtype bfloat16 is faster" in caplog.text) is (flag is not None)
 
 
 # -- the engine with two workers ----------------------------------------------------------
