@@ -1,13 +1,14 @@
 """The CEILING: the model alone in a loop, no server.
 
 The packaged all-MiniLM-L6-v2 folder loaded with plain transformers, the same mean pooling
-(and L2 normalization) as the server, the same torch thread count, the same inputs. Inputs
+(and L2 normalization) as the server, the same torch thread count, the same inputs, and the
+same weights precision (``--dtype``, the server's: float32 unless the run says otherwise). Inputs
 are tokenized and padded before the clock starts: what is timed is the forward pass, the
 pooling and the copy of the result to numpy, as on the server's forward thread.
 
-Runs as its own process (``python -m bench.ceiling --threads 2``) that answers JSON
-commands, one a line on stdin, so that ``bench.run`` can interleave ceiling measurements
-with server measurements in one run without loading the model again.
+Runs as its own process (``python -m bench.ceiling --threads 2 [--dtype bfloat16]``) that
+answers JSON commands, one a line on stdin, so that ``bench.run`` can interleave ceiling
+measurements with server measurements in one run without loading the model again.
 
 Commands: ``{"op": "throughput", "inputs": "short"|"bulk"|"mixed", "batch_size": 32,
 "seconds": 3, "sort": false, "packed": false, "workers": 1}`` (``packed``: the server's
@@ -33,20 +34,24 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 
 from bench import texts as corpus
+from bench.procs import DTYPES
 from embedserve.service.models.packed_bert import PackedBertEncoder
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
 
 
 class Ceiling:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, dtype: str = "float32") -> None:
         from tokenizers import Tokenizer
         from transformers import AutoModel
 
         torch.set_num_threads(threads)
         self.threads = threads
+        self.dtype = dtype
         folder = corpus.model_folder()
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        # Before the packed encoder fuses the projections: it keeps the weights' dtype.
+        self.model.to(getattr(torch, dtype))
         self.model.eval()
         self._packed = PackedBertEncoder(self.model)  # shares the model's weights
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -86,7 +91,8 @@ class Ceiling:
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
                 m = mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-            return F.normalize(pooled, p=2, dim=1).numpy()
+            # float32 on the host, as the server's runner returns every batch.
+            return F.normalize(pooled.float(), p=2, dim=1).numpy()
 
     def throughput(
         self,
@@ -215,9 +221,10 @@ class _Count:
         self.seconds = 0.0
 
 
-def serve(threads: int) -> None:
-    ceiling = Ceiling(threads)
-    print(json.dumps({"ready": True, "threads": threads, "torch": torch.__version__}), flush=True)
+def serve(threads: int, dtype: str) -> None:
+    ceiling = Ceiling(threads, dtype)
+    hello = {"ready": True, "threads": threads, "dtype": dtype, "torch": torch.__version__}
+    print(json.dumps(hello), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         op = command.pop("op")
@@ -235,10 +242,11 @@ def serve(threads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights precision")
     parser.add_argument("--sweep", action="store_true", help="print a batch-size sweep and exit")
     args = parser.parse_args(argv)
     if args.sweep:
-        ceiling = Ceiling(args.threads)
+        ceiling = Ceiling(args.threads, args.dtype)
         for size in (1, 8, 32, 64):
             for sort in (False, True):
                 for packed in (False, True):
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(ceiling.throughput("short", size, 3.0, sort, True, workers=2)))
         print(json.dumps(ceiling.forward_ms(1, 0, 50)))
         return 0
-    serve(args.threads)
+    serve(args.threads, args.dtype)
     return 0
 
 

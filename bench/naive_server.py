@@ -1,11 +1,11 @@
 """The NAIVE baseline: a tiny grpc.aio server doing one forward pass per request.
 
 What a team would write in an afternoon: the same API subset (``EmbedService/Embed``, the
-float32 and float32-bytes encodings), the same model folder, mean pooling, threads and
-normalization as embedserve, but no batching across requests: each request is tokenized
-and run on its own, one at a time on a single worker thread.
+float32 and float32-bytes encodings), the same model folder, mean pooling, threads, weights
+precision and normalization as embedserve, but no batching across requests: each request is
+tokenized and run on its own, one at a time on a single worker thread.
 
-``python -m bench.naive_server --port 0 --threads 2`` logs one JSON line
+``python -m bench.naive_server --port 0 --threads 2 [--dtype bfloat16]`` logs one JSON line
 ``{"message": "serving", "port": P}`` on stderr when it is ready.
 """
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bench import texts as corpus
+from bench.procs import DTYPES
 from embedserve.v1 import common_pb2, embed_service_pb2, embed_service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -38,13 +39,14 @@ class NaiveEmbedder(embed_service_pb2_grpc.EmbedServiceServicer):
 
     EmbedStream = embed_service_pb2_grpc.EmbedServiceServicer.EmbedStream
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, dtype: str = "float32") -> None:
         from tokenizers import Tokenizer
         from transformers import AutoModel
 
         torch.set_num_threads(threads)
         folder = corpus.model_folder()
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        self.model.to(getattr(torch, dtype))
         self.model.eval()
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.enable_truncation(MAX_TOKENS)
@@ -60,7 +62,7 @@ class NaiveEmbedder(embed_service_pb2_grpc.EmbedServiceServicer):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-            vectors = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
+            vectors = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).numpy()
         return vectors, int(mask.sum())
 
     async def Embed(  # noqa: N802 - the gRPC method name
@@ -91,8 +93,8 @@ class NaiveEmbedder(embed_service_pb2_grpc.EmbedServiceServicer):
         )
 
 
-async def serve(port: int, threads: int) -> None:
-    servicer = NaiveEmbedder(threads)
+async def serve(port: int, threads: int, dtype: str = "float32") -> None:
+    servicer = NaiveEmbedder(threads, dtype)
     servicer._embed([corpus.SHORT_TEXT])  # warm up
     server = grpc.aio.server()
     embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, server)
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights precision")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.threads))
+    asyncio.run(serve(args.port, args.threads, args.dtype))
     return 0
 
 

@@ -26,6 +26,9 @@ from typing import Any
 
 from bench.loadgen import LoadSpec, run_load
 
+# Weights precisions a benchmarked model may take: the server's --dtype, less its auto.
+DTYPES = ("float32", "bfloat16", "float16")
+
 ROOT = Path(__file__).resolve().parent.parent
 INFINITY_VENV = ROOT / "bench" / ".venv-infinity"
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -196,6 +199,8 @@ def start_embedserve(
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
 ) -> Service:
+    """``embedserve serve`` on a free port. Settings not in ``args`` come from the EMBEDSERVE_*
+    variables of the environment (``bench.run --dtype`` sets EMBEDSERVE_DTYPE for every one)."""
     command = [
         sys.executable,
         "-m",
@@ -210,12 +215,9 @@ def start_embedserve(
     return _spawn(name, command, out_dir, env)
 
 
-def start_naive(out_dir: Path, threads: int) -> Service:
-    return _spawn(
-        "naive",
-        [sys.executable, "-m", "bench.naive_server", "--port", "0", "--threads", str(threads)],
-        out_dir,
-    )
+def start_naive(out_dir: Path, threads: int, dtype: str = "float32") -> Service:
+    command = [sys.executable, "-m", "bench.naive_server", "--port", "0", "--threads", str(threads)]
+    return _spawn("naive", [*command, "--dtype", dtype], out_dir)
 
 
 def start_grpc_floor(out_dir: Path) -> Service:
@@ -239,7 +241,9 @@ def infinity_available() -> str | None:
     return None
 
 
-def start_infinity(out_dir: Path, model: Path, threads: int, batch_size: int = 32) -> Service:
+def start_infinity(
+    out_dir: Path, model: Path, threads: int, batch_size: int = 32, dtype: str = "float32"
+) -> Service:
     port = free_port()
     command = [
         str(INFINITY_VENV / "bin" / "infinity_emb"),
@@ -259,6 +263,8 @@ def start_infinity(out_dir: Path, model: Path, threads: int, batch_size: int = 3
         "--batch-size",
         str(batch_size),
         "--no-vector-disk-cache",
+        "--dtype",
+        dtype,
         "--log-level",
         "warning",
     ]
@@ -272,7 +278,7 @@ def start_infinity(out_dir: Path, model: Path, threads: int, batch_size: int = 3
     }
     service = _spawn("infinity", command, out_dir, env)
     service.address = f"127.0.0.1:{port}"
-    service.info = {"batch_size": batch_size, "model_name": "minilm"}
+    service.info = {"batch_size": batch_size, "model_name": "minilm", "dtype": dtype}
     return service
 
 

@@ -353,11 +353,14 @@ def markdown(results: Json) -> str:
     h = headline(results)
     s = results.get("scenarios", {})
     m = results.get("machine", {})
+    # Runs before the setting existed were all float32.
+    dtype = results.get("settings", {}).get("dtype", "float32")
     out: list[str] = ["# embedserve benchmark results", ""]
     out.append(
         f"{m.get('date', '')}, {m.get('cpu_model', '?')}, {m.get('cores_usable', '?')} cores, "
         f"{m.get('memory_gib', '?')} GiB, torch {m.get('torch', '?')} "
-        f"({m.get('torch_threads', '?')} threads), transformers {m.get('transformers', '?')}, "
+        f"({m.get('torch_threads', '?')} threads), every model in {dtype}, "
+        f"transformers {m.get('transformers', '?')}, "
         f"grpcio {m.get('grpcio', '?')}. Load average at start/end: "
         f"{_fmt_load(m.get('loadavg_start'))} / {_fmt_load(m.get('loadavg_end'))}. "
         f"Wall time {results.get('wall_s', '?')} s."

@@ -32,6 +32,7 @@ from bench import procs, report
 from bench import profile as profiling
 from bench import texts as corpus
 from bench.loadgen import BulkSpec, LoadSpec, bulk_result, run_load, start_bulk
+from bench.procs import DTYPES
 from bench.stats import summary_ms
 from embedserve.service.api.in_flight import CALLS_PER_CPU_THREAD
 from embedserve.service.config import ServerConfig
@@ -89,11 +90,11 @@ def again_command(best: dict[str, Any], seconds: float) -> dict[str, Any]:
 class Ceiling:
     """The ceiling worker process (bench/ceiling.py), answering one JSON command a line."""
 
-    def __init__(self, threads: int, log_path: Path) -> None:
+    def __init__(self, threads: int, log_path: Path, dtype: str = "float32") -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.ceiling", "--threads", str(threads)],
+            [sys.executable, "-m", "bench.ceiling", "--threads", str(threads), "--dtype", dtype],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -131,6 +132,10 @@ class Suite:
         self.full: bool = args.full
         self.out: Path = args.out
         self.threads: int = args.threads
+        # Every model of the run in one precision: the ceiling, the peers and each embedserve
+        # process (through EMBEDSERVE_DTYPE, which main() sets), so that ratios compare like
+        # with like.
+        self.dtype: str = args.dtype
         self.scenarios: list[str] = args.scenarios
         self.rounds: int = args.rounds or (1 if self.quick else 3)
         self.duration = 4.0 if self.quick else 8.0
@@ -204,10 +209,12 @@ class Suite:
                 "embedserve", lambda: procs.start_embedserve("embedserve", log_dir, threads)
             )
         if self.wants("peers"):
-            wanted["naive"] = lambda: procs.start_naive(log_dir, threads)
+            wanted["naive"] = lambda: procs.start_naive(log_dir, threads, self.dtype)
             why = procs.infinity_available()
             if why is None:
-                wanted["infinity"] = lambda: procs.start_infinity(log_dir, model, threads)
+                wanted["infinity"] = lambda: procs.start_infinity(
+                    log_dir, model, threads, dtype=self.dtype
+                )
             else:
                 self.skip("infinity", why)
         if self.wants("bulk"):
@@ -264,11 +271,12 @@ class Suite:
                 "padded", log_dir, threads, ["--padding-free", "false"]
             )
             wanted["one-worker"] = self._one_worker_server
-            # bfloat16 weights on the CPU: AMX makes them faster here, at a cosine of
-            # 0.9999 to float32 (docs/benchmarks.md).
-            wanted["dtype-bf16"] = lambda: procs.start_embedserve(
-                "dtype-bf16", log_dir, threads, ["--dtype", "bfloat16"]
-            )
+            # bfloat16 weights on the CPU: faster on a CPU that multiplies them in hardware
+            # (AMX, AVX512-BF16), at a cosine of 0.9999 to float32 (docs/benchmarks.md).
+            if self.dtype != "bfloat16":
+                wanted["dtype-bf16"] = lambda: procs.start_embedserve(
+                    "dtype-bf16", log_dir, threads, ["--dtype", "bfloat16"]
+                )
         if self.wants("cache_repeats"):
             wanted["cache-on"] = lambda: procs.start_embedserve(
                 "cache-on", log_dir, threads, ["--cache-bytes", CACHE_BYTES]
@@ -279,7 +287,7 @@ class Suite:
                 "otel-none", log_dir, threads, env={"OTEL_TRACES_EXPORTER": "none"}
             )
         if self.wants("ceiling", "unary", "peers", "bulk", "mixed", "interactive"):
-            self.ceiling = Ceiling(threads, log_dir / "ceiling.log")
+            self.ceiling = Ceiling(threads, log_dir / "ceiling.log", self.dtype)
         for name, start in wanted.items():
             self.services[name] = start()
         self.log(f"starting {', '.join(wanted)}{' and the ceiling worker' if self.ceiling else ''}")
@@ -800,6 +808,7 @@ class Suite:
             "duration_s": self.duration,
             "warmup_s": self.warmup,
             "threads": self.threads,
+            "dtype": self.dtype,
             "scenarios": self.scenarios,
             "command": " ".join(sys.argv),
         }
@@ -984,6 +993,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="output folder [bench/results/DATE]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="weights precision of every model in the run (the ceiling, the peers, each "
+        "embedserve) [EMBEDSERVE_DTYPE if set, else float32, the server's default on the CPU]",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds [3; 1 with --quick]")
     parser.add_argument(
         "--wait-quiet",
@@ -997,6 +1012,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also copy the plots and results.json to this folder (e.g. docs/benchmarks)",
     )
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        inherited = os.environ.get("EMBEDSERVE_DTYPE", "auto")
+        args.dtype = "float32" if inherited == "auto" else inherited
+    if args.dtype not in DTYPES:
+        parser.error(f"EMBEDSERVE_DTYPE={args.dtype!r}: a run needs one of {', '.join(DTYPES)}")
+    # The servers read it; an inherited one that differed from the ceiling's would make
+    # every ratio of the run compare two precisions.
+    os.environ["EMBEDSERVE_DTYPE"] = args.dtype
     if args.out is None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
         args.out = procs.ROOT / "bench" / "results" / stamp
