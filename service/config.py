@@ -205,8 +205,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "memory_trim_interval_ms",
         "On the CPU, give the host memory that forward passes freed back to the system "
-        "(glibc malloc_trim) once the resident set has grown by a full batch's working set "
-        "(measured by the warm-up) since the last time, at most this often. Keeps the "
+        "(glibc malloc_trim) once the resident set has grown since the last time by the "
+        "working set of the batches running lately (a full batch's, measured by the warm-up, "
+        "scaled by their tokens, and at least 0.4 of it), at most this often. Keeps the "
         "resident set flat under long bulk runs: without it, two workers' malloc arenas grew "
         "it by nearly a third over minutes here (docs/benchmarks.md). 0: off.",
         _non_negative_int,

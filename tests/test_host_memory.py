@@ -16,6 +16,7 @@ from harness import serving
 from test_telemetry import scrape, value
 
 from embedserve.service.config import add_arguments, from_namespace
+from embedserve.service.engine import host_memory
 from embedserve.service.engine.host_memory import MALLOC_TRIM, HostMemoryTrimmer
 from embedserve.service.engine.workers import ForwardWorkers, SharedThreads
 from embedserve.v1 import embed_service_pb2
@@ -55,6 +56,50 @@ def test_once_the_headroom_is_known_it_trims_only_past_it() -> None:
     rss[0] = 700
     time.sleep(0.001)
     assert not trimmer.due()
+
+
+def test_the_allowance_follows_the_batches_running_lately(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    rss = [500]
+    trimmer = HostMemoryTrimmer(0.0001, CountingTrim(), rss=lambda: rss[0])
+    assert trimmer.allowance is None
+    trimmer.learn_headroom(before=400, peak=600, tokens=8192)  # a full batch needs 200
+    assert trimmer.allowance == 200  # no batch yet: the whole headroom
+    assert trimmer.trim() and trimmer.floor == 500
+    clock[0] += 1
+    # Short texts, 1,024 tokens on the workers: 1/8 of a full batch, so the floor's 40%.
+    trimmer.batch_started(1024)
+    assert trimmer.allowance == int(200 * host_memory.MIN_ALLOWANCE_SHARE)
+    rss[0] = 500 + 81
+    assert trimmer.due()  # past 80 of growth, where the whole headroom would wait for 200
+    # A batch of 6,144 tokens beside 2,048 more: the full batch's size, the whole headroom.
+    trimmer.batch_started(8192)
+    assert trimmer.allowance == 200
+    assert not trimmer.due()
+    # Two full batches side by side need twice the headroom: no trim after each of them.
+    trimmer.batch_started(16384)
+    assert trimmer.allowance == 400
+    # The large batches are remembered for the next window, then forgotten.
+    clock[0] += host_memory.RECENT_BATCHES_S
+    trimmer.batch_started(1024)
+    assert trimmer.allowance == 400
+    clock[0] += host_memory.RECENT_BATCHES_S
+    trimmer.batch_started(1024)
+    assert trimmer.allowance == 80
+    # After an idle spell longer than both windows, only the batches since count.
+    clock[0] += 3 * host_memory.RECENT_BATCHES_S
+    trimmer.batch_started(4096)
+    assert trimmer.allowance == 100
+
+
+def test_without_the_full_batch_s_size_the_allowance_is_the_headroom() -> None:
+    trimmer = HostMemoryTrimmer(0.0001, CountingTrim(), rss=lambda: 500)
+    trimmer.learn_headroom(before=400, peak=600)  # tokens unknown
+    trimmer.batch_started(16)
+    assert trimmer.allowance == 200
 
 
 def test_the_event_loop_side_reads_only_the_clock_and_the_worker_side_the_resident_set() -> None:
@@ -200,10 +245,19 @@ def test_malloc_trim_returns_the_pages_a_thread_freed_between_live_blocks() -> N
 
 
 def test_the_warm_up_measures_the_headroom(qwen3_embedding_folder: Path) -> None:
-    with serving(model=qwen3_embedding_folder, warmup=True) as server:
+    with serving(model=qwen3_embedding_folder, warmup=True, metrics_port=0) as server:
         (trimmer,) = {engine.workers.host_memory for engine in server.engines}
         assert trimmer is not None and trimmer.headroom is not None
         assert trimmer.headroom > 0
+        (engine,) = server.engines
+        assert trimmer.headroom_tokens == sum(len(s) for s in engine._warmup_batch())
+        # Every batch since tells the trimmer what runs: one short text, the floor's share.
+        request = embed_service_pb2.EmbedRequest(inputs=["a text"])
+        assert len(server.stubs.embed.Embed(request, timeout=60).embeddings) == 1
+        assert trimmer.allowance == int(trimmer.headroom * host_memory.MIN_ALLOWANCE_SHARE)
+        assert server.server.metrics_port is not None
+        series = scrape(server.server.metrics_port)
+        assert value(series, "embedserve_host_memory_trim_allowance_bytes") == trimmer.allowance
 
 
 def test_the_flag_and_its_default() -> None:

@@ -103,6 +103,8 @@ class Engine:
         self._held.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._batch_counter = 0
+        # Padded tokens of this engine's batches on the workers now (the trimmer's allowance).
+        self._running_padded = 0
         # Batches whose forward pass ended, waiting for the loop to deliver their rows.
         self._finished: deque[tuple[_RunningBatch, tuple[np.ndarray, float] | Exception]] = deque()
         self.drain_rate = DrainRate(limits.max_batch_tokens, limits.max_batch_size)
@@ -128,14 +130,15 @@ class Engine:
                 await self._warm_other_workers(batch[0])
             finally:
                 self.workers.release(first)
+            # A full batch of the longest inputs, so its tokens are its padded tokens.
+            tokens = sum(len(s) for s in batch)
             if memory is not None:
                 # What a full batch adds to the resident set: how far it may grow between
-                # trims (host_memory.py).
-                memory.learn_headroom(rss_before, peak_resident_bytes())
+                # trims, scaled to the batches that run later (host_memory.py).
+                memory.learn_headroom(rss_before, peak_resident_bytes(), tokens)
             headroom = memory.headroom if memory is not None else None
-            # A full batch of the longest inputs: a conservative first drain rate, so that
-            # admission by expected wait works from the first request.
-            tokens = sum(len(s) for s in batch)
+            # A conservative first drain rate, so that admission by expected wait works from
+            # the first request.
             self.drain_rate.observe(tokens, tokens, len(batch), seconds)
             log.info(
                 "warm-up done",
@@ -454,6 +457,9 @@ class Engine:
             running = _RunningBatch(
                 self._batch_counter, batch, padded, loop.time(), placement, parallel, span
             )
+            self._running_padded += padded
+            if self.workers.host_memory is not None:
+                self.workers.host_memory.batch_started(self._running_padded)
             threads = self.workers.thread_count(placement)
             outputs = self.workers.run(placement, self._timed_forward, ids, threads)
             outputs.add_done_callback(functools.partial(self._forward_done, running))
@@ -487,6 +493,7 @@ class Engine:
         self, running: _RunningBatch, done: asyncio.Future[tuple[np.ndarray, float]]
     ) -> None:
         self.workers.release(running.placement)
+        self._running_padded -= running.padded
         if done.cancelled():  # the engine is stopping
             return
         error = done.exception()

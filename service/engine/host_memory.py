@@ -11,10 +11,15 @@ session).
 ``malloc_trim(0)`` returns every whole free page of every arena, but the batches after it
 fault those pages back in, and that is what a trim costs: every 200 ms it took 6% of the
 bulk throughput here. So a trim waits until it is needed: until the resident set exceeds
-what it was after the last trim by the working set of a full batch, which the warm-up
-measures. The peak then stays near live memory plus one batch, however long the stream.
-A trim runs on a forward worker after a batch, as a job of its own: the batch's rows do not
-wait for it. The interval is the least time between two trims.
+what it was after the last trim by the working set of the batches running lately. The
+warm-up measures a full batch's; the batches since scale it by their padded tokens (those
+running side by side counted together), and never below ``MIN_ALLOWANCE_SHARE`` of it. A
+stream of short texts then trims after growing by about 40% of a full batch instead of all
+of it, and its peak stays at the warm-up's (a full allowance let a 200k-text run peak 17%
+above a 20k-text one: docs/benchmarks.md, seventeenth session), while long batches keep
+the allowance they need and do not trim after every batch. A trim runs on a forward worker
+after a batch, as a job of its own: the batch's rows do not wait for it. The interval is the
+least time between two trims.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 
 
 MALLOC_TRIM = _load_malloc_trim()
+
+# The least growth a trim waits for, as a share of a full batch's working set: lower, and a
+# bulk stream of short texts trimmed every few seconds and faulted its pages back in (-4%
+# throughput at 25% here); at 40% it kept its peak at the warm-up's for -1.5%, within noise.
+MIN_ALLOWANCE_SHARE = 0.4
+# Batches this recent set the allowance: the largest of the current window and the last one.
+RECENT_BATCHES_S = 30.0
 
 
 def _open_statm() -> int | None:
@@ -106,7 +118,14 @@ class HostMemoryTrimmer:
         self._lock = threading.Lock()
         self._next = 0.0
         self.headroom: int | None = None
+        # The padded tokens of the batch that measured ``headroom``.
+        self.headroom_tokens = 0
         self.floor = 0  # the resident set after the last trim
+        # The most padded tokens running at once, in this window of RECENT_BATCHES_S and the
+        # one before; written on the event loop, read on the workers (ints, under the GIL).
+        self._window_started = 0.0
+        self._window_tokens = 0
+        self._last_window_tokens = 0
         self.trims = 0
         self.seconds = 0.0
         if interval > 0 and trim is None:
@@ -116,12 +135,40 @@ class HostMemoryTrimmer:
     def enabled(self) -> bool:
         return self._trim is not None
 
-    def learn_headroom(self, before: int | None, peak: int | None) -> None:
-        """A full batch took the resident set from ``before`` to ``peak``: let it grow that
-        much past the last trim (the largest of the engines' batches)."""
+    def learn_headroom(self, before: int | None, peak: int | None, tokens: int = 0) -> None:
+        """A full batch of ``tokens`` padded tokens took the resident set from ``before`` to
+        ``peak``: what a batch of that size needs (the largest of the engines' batches).
+        ``tokens`` 0: the allowance stays the whole headroom."""
         if before is None or peak is None or peak <= before:
             return
-        self.headroom = max(self.headroom or 0, peak - before)
+        if peak - before > (self.headroom or 0):
+            self.headroom = peak - before
+            self.headroom_tokens = tokens
+
+    def batch_started(self, running_tokens: int) -> None:
+        """A batch started with ``running_tokens`` padded tokens running, its own and those
+        of the engine's batches beside it. Called on the event loop; reads only the clock."""
+        now = time.monotonic()
+        if now - self._window_started >= RECENT_BATCHES_S:
+            # Two windows back is forgotten: the allowance falls once long batches stop.
+            stale = now - self._window_started >= 2 * RECENT_BATCHES_S
+            self._last_window_tokens = 0 if stale else self._window_tokens
+            self._window_tokens = 0
+            self._window_started = now
+        self._window_tokens = max(self._window_tokens, running_tokens)
+
+    @property
+    def allowance(self) -> int | None:
+        """How far past the last trim the resident set may grow before the next: the
+        headroom scaled to the batches running lately, at least MIN_ALLOWANCE_SHARE of it.
+        None until a warm-up measured the headroom."""
+        if self.headroom is None:
+            return None
+        recent = max(self._window_tokens, self._last_window_tokens)
+        if not self.headroom_tokens or not recent:
+            return self.headroom
+        share = max(MIN_ALLOWANCE_SHARE, recent / self.headroom_tokens)
+        return int(self.headroom * share)
 
     def interval_elapsed(self) -> bool:
         """Whether a trim may be due: the clock alone, no system call."""
@@ -130,14 +177,15 @@ class HostMemoryTrimmer:
     def due(self) -> bool:
         if not self.interval_elapsed():
             return False
-        if self.headroom is None:
+        allowance = self.allowance
+        if allowance is None:
             return True
         rss = self._rss()
-        return rss is None or rss > self.floor + self.headroom
+        return rss is None or rss > self.floor + allowance
 
     def trim_if_due(self) -> bool:
-        """Trim if the interval has passed and the resident set has grown past the headroom;
-        True if this call trimmed."""
+        """Trim if the interval has passed and the resident set has grown past the
+        allowance; True if this call trimmed."""
         return self.due() and self.trim()
 
     def trim(self) -> bool:

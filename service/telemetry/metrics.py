@@ -280,6 +280,14 @@ class _HostMemoryCollector(Collector):
             "Time forward workers spent giving freed host memory back, between batches.",
             value=trimmer.seconds,
         )
+        allowance = trimmer.allowance
+        if allowance is not None:
+            yield GaugeMetricFamily(
+                "embedserve_host_memory_trim_allowance_bytes",
+                "How far the resident set may grow past its size after the last trim before "
+                "the next: a full batch's working set, scaled to the batches running lately.",
+                value=allowance,
+            )
 
 
 class _CacheCollector(Collector):
