@@ -29,7 +29,8 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 # CPU flags of hardware bfloat16 matrix multiplication, the fastest first. With either,
 # bfloat16 weights ran faster than float32 here (docs/benchmarks.md: 1.65x the calls on an
-# Intel CPU with AMX, 1.96x on an AMD EPYC with AVX512-BF16); without them, several times slower.
+# Intel CPU with AMX, 2.06x on an AMD EPYC with AVX512-BF16); without them, several times
+# slower.
 BF16_MATMUL_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -52,8 +52,9 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 MALLOC_TRIM = _load_malloc_trim()
 
 # The least growth a trim waits for, as a share of a full batch's working set: lower, and a
-# bulk stream of short texts trimmed every few seconds and faulted its pages back in (-4%
-# throughput at 25% here); at 40% it kept its peak at the warm-up's for -1.5%, within noise.
+# bulk stream of short texts trimmed every few seconds and faulted its pages back in (-4% of
+# its throughput at 20% here); at 40% it kept its peak at the warm-up's for -1.5%, within
+# noise. Engines that share the trimmer each report their own batches; the largest counts.
 MIN_ALLOWANCE_SHARE = 0.4
 # Batches this recent set the allowance: the largest of the current window and the last one.
 RECENT_BATCHES_S = 30.0
