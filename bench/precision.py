@@ -6,8 +6,9 @@ another ``--dtype``, on the benchmark's texts.
 
 Both embedders are the server's adapter for the packaged all-MiniLM-L6-v2 (padding-free, as
 served), run through the server's own ``BatchRunner``, in batches of 32 length-sorted texts.
-The documents are the bulk scenario's corpus and the mixed-length texts; the queries are the
-unary scenario's short sentences, embedded with the model's query prompt (none for MiniLM).
+The documents are the bulk scenario's corpus and the mixed-length texts; the queries are
+short sentences of the unary scenario's kind, embedded as an Embed call without an
+instruction embeds them, and normalized as the server normalizes every answer.
 
 Prints, for the lower precision against float32:
 
@@ -35,6 +36,7 @@ import torch
 
 from bench import texts as corpus
 from bench.procs import DTYPES
+from embedserve.service.api.encoding import finish_vectors
 from embedserve.service.engine.runner import BatchRunner
 from embedserve.service.models.base import DeviceSpec
 from embedserve.service.models.options import ModelOptions
@@ -44,28 +46,31 @@ from embedserve.service.models.tokenization import Truncation
 BATCH = 32
 
 
-def embed_all(dtype: str, texts: list[str], prefix: str) -> tuple[np.ndarray, float]:
-    """Unit vectors of ``texts`` in the input order, and the tokens/s it took."""
-    options = ModelOptions(folder=corpus.model_folder(), name=f"minilm-{dtype}")
-    adapter = SentenceTransformerEmbedder(
-        options, DeviceSpec(torch.device("cpu"), getattr(torch, dtype))
-    )
-    runner = BatchRunner(adapter)
-    ids = [t.ids for t in adapter.tokenize(texts, prefix, Truncation.END)]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = np.empty((len(ids), adapter.dimensions), dtype=np.float32)
-    runner.run([ids[order[0]]])  # warm
-    started = time.perf_counter()
-    for start in range(0, len(order), BATCH):
-        chosen = order[start : start + BATCH]
-        out[chosen] = runner.run([ids[i] for i in chosen])
-    seconds = time.perf_counter() - started
-    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out, sum(len(s) for s in ids) / seconds
+class Embedder:
+    """The server's adapter and runner for the packaged MiniLM in one precision."""
+
+    def __init__(self, dtype: str) -> None:
+        options = ModelOptions(folder=corpus.model_folder(), name=f"minilm-{dtype}")
+        device = DeviceSpec(torch.device("cpu"), getattr(torch, dtype))
+        self.adapter = SentenceTransformerEmbedder(options, device)
+        self.runner = BatchRunner(self.adapter)
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """Unit vectors of ``texts`` in the input order, and the tokens/s it took."""
+        ids = [t.ids for t in self.adapter.tokenize(texts, "", Truncation.END)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        raw = np.empty((len(ids), self.adapter.dimensions), dtype=np.float32)
+        self.runner.run([ids[order[0]]])  # warm
+        started = time.perf_counter()
+        for start in range(0, len(order), BATCH):
+            chosen = order[start : start + BATCH]
+            raw[chosen] = self.runner.run([ids[i] for i in chosen])
+        seconds = time.perf_counter() - started
+        return finish_vectors(raw, None, normalize=True), sum(len(s) for s in ids) / seconds
 
 
-def top_k(queries: np.ndarray, documents: np.ndarray, k: int) -> np.ndarray:
-    scores = queries @ documents.T
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Each query's ``k`` best documents, best first, from its row of ``scores``."""
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
@@ -101,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     queries = corpus.short_sentences(args.queries, seed=7)
     vectors: dict[str, dict[str, Any]] = {}
     for dtype in ("float32", args.dtype):
-        docs, docs_rate = embed_all(dtype, documents, "")
-        found, _ = embed_all(dtype, queries, "")
+        embedder = Embedder(dtype)
+        docs, docs_rate = embedder.embed(documents)
+        found, _ = embedder.embed(queries)
         vectors[dtype] = {"documents": docs, "queries": found, "tokens_per_s": docs_rate}
     ref, low = vectors["float32"], vectors[args.dtype]
     cosines = np.concatenate(
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     reference_scores = ref["queries"] @ ref["documents"].T
-    reference = top_k(ref["queries"], ref["documents"], args.k)
+    reference = top_k(reference_scores, args.k)
     result = {
         "dtype": args.dtype,
         "documents": len(documents),
@@ -125,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             "median": float(np.median(cosines)),
         },
         f"top{args.k}_agreement_both_{args.dtype}": agreement(
-            reference, top_k(low["queries"], low["documents"], args.k), reference_scores
+            reference, top_k(low["queries"] @ low["documents"].T, args.k), reference_scores
         ),
         f"top{args.k}_agreement_queries_only_{args.dtype}": agreement(
-            reference, top_k(low["queries"], ref["documents"], args.k), reference_scores
+            reference, top_k(low["queries"] @ ref["documents"].T, args.k), reference_scores
         ),
         "tokens_per_s": {d: round(v["tokens_per_s"]) for d, v in vectors.items()},
     }
