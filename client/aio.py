@@ -309,6 +309,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         attempt = 0
+        retried_after: EmbedServeError | None = None
         while True:
             attempt += 1
             remaining = None if deadline is None else deadline - loop.time()
@@ -316,6 +317,10 @@ class AsyncClient:
                 return await attempt_call(remaining)
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and retried_after is not None:
+                    # A retry that ran out of the call's time: the deadline is the verdict, and
+                    # the error that made the client retry says why the time ran out.
+                    raise error from retried_after
                 if (
                     exc.code() not in self.retry.retryable_codes
                     or attempt >= self.retry.max_attempts
@@ -325,6 +330,9 @@ class AsyncClient:
                 if deadline is not None and loop.time() + delay >= deadline:
                     raise error from None  # the deadline stops retrying
                 await asyncio.sleep(delay)
+                if deadline is not None and loop.time() >= deadline:
+                    raise error from None  # the sleep overran the deadline: no attempt left
+                retried_after = error
 
     def _options(self, overrides: dict[str, Any]) -> EmbedOptions:
         unknown = set(overrides) - set(EmbedOptions.__dataclass_fields__)

@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {violation.field}: {violation.description}", file=sys.stderr)
         else:
             print(f"embedserve: {exc}", file=sys.stderr)
+        if isinstance(exc.__cause__, EmbedServeError):
+            print(f"  while retrying after: {exc.__cause__}", file=sys.stderr)
         return 1
 
 

@@ -91,7 +91,10 @@ class UnavailableError(EmbedServeError):
 
 
 class DeadlineExceededError(EmbedServeError):
-    """The call's deadline passed (retries included)."""
+    """The call's deadline passed (retries included).
+
+    When the deadline cut a retry short, ``__cause__`` is the error that was being retried.
+    """
 
 
 class UnauthenticatedError(EmbedServeError):

@@ -11,9 +11,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from harness import InProcessServer, wait_until
+from support.scripted import ScriptedEmbedServicer, start_scripted_server
 
 from embedserve.client import Client
 
@@ -74,6 +76,26 @@ def test_errors_exit_non_zero_naming_the_field(qwen3_server: InProcessServer) ->
         timeout=60,
     )
     assert dead.returncode == 1 and "UNAVAILABLE" in dead.stderr
+
+
+def test_a_deadline_that_cut_a_retry_short_prints_what_was_retried() -> None:
+    # One UNAVAILABLE, then an attempt that runs into the deadline.
+    servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE, stall_from_attempt=2)
+    server, port = start_scripted_server(servicer)
+    try:
+        result = subprocess.run(
+            [*COMMAND, "embed", "x", "--target", f"127.0.0.1:{port}", "--timeout", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.stop(None)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2].startswith("embedserve: DEADLINE_EXCEEDED")
+    assert lines[-1] == "  while retrying after: UNAVAILABLE: scripted failure"
+    assert servicer.attempts == 2
 
 
 def test_bulk_txt_to_npy_equals_unary(

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 from harness import InProcessServer, ServerProcess
 from support.qwen3 import reference_qwen3_embed
+from support.scripted import ScriptedEmbedServicer, start_scripted_server
 
 from embedserve.client import (
     AsyncClient,
     BulkItemError,
     Client,
+    DeadlineExceededError,
     EmbedOptions,
     InvalidArgumentError,
     NotFoundError,
@@ -27,7 +25,6 @@ from embedserve.client import (
     RetryPolicy,
     UnavailableError,
 )
-from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
 
 TEXTS = ["first text", "a second, somewhat longer text", "third"]
 
@@ -190,52 +187,6 @@ def test_bulk_survives_a_server_restart(qwen3_embedding_folder: Path) -> None:
             restarted.kill()
 
 
-class _Scripted(embed_service_pb2_grpc.EmbedServiceServicer):
-    """A real gRPC server whose Embed fails with a chosen code, counting attempts."""
-
-    def __init__(self, code: grpc.StatusCode, retry_delay_s: float | None = None) -> None:
-        self.code = code
-        self.retry_delay_s = retry_delay_s
-        self.attempts = 0
-        self.lock = threading.Lock()
-
-    def Embed(  # noqa: N802
-        self, request: embed_service_pb2.EmbedRequest, context: grpc.ServicerContext
-    ) -> embed_service_pb2.EmbedResponse:
-        with self.lock:
-            self.attempts += 1
-        status = status_pb2.Status(code=self.code.value[0], message="scripted failure")
-        if self.retry_delay_s is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(self.retry_delay_s * 1e9))
-            status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        context.abort_with_status(_RpcStatus(status))
-        raise AssertionError("unreachable: abort raises")
-
-    def EmbedStream(  # noqa: N802
-        self,
-        request_iterator: Iterator[embed_service_pb2.EmbedStreamRequest],
-        context: grpc.ServicerContext,
-    ) -> Iterator[embed_service_pb2.EmbedStreamResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        raise AssertionError("unreachable: abort raises")
-
-
-class _RpcStatus(grpc.Status):
-    def __init__(self, status: status_pb2.Status) -> None:
-        self.code = {c.value[0]: c for c in grpc.StatusCode}[status.code]
-        self.details = status.message
-        self.trailing_metadata = (("grpc-status-details-bin", status.SerializeToString()),)
-
-
-def _scripted_server(servicer: _Scripted) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
-    embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
-
-
 @pytest.mark.parametrize(
     ("code", "retried"),
     [
@@ -252,8 +203,8 @@ def _scripted_server(servicer: _Scripted) -> tuple[grpc.Server, int]:
 def test_retries_only_when_the_replica_could_not_take_the_call(
     code: grpc.StatusCode, retried: bool
 ) -> None:
-    servicer = _Scripted(code)
-    server, port = _scripted_server(servicer)
+    servicer = ScriptedEmbedServicer(code)
+    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
     try:
         with (
@@ -268,22 +219,58 @@ def test_retries_only_when_the_replica_could_not_take_the_call(
 
 
 def test_a_deadline_stops_retrying() -> None:
-    servicer = _Scripted(grpc.StatusCode.UNAVAILABLE)
-    server, port = _scripted_server(servicer)
+    servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE)
+    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=100_000, initial_backoff=0.01, max_backoff=0.05)
     try:
-        with Client(f"127.0.0.1:{port}", retry=policy) as client, pytest.raises(UnavailableError):
+        with (
+            Client(f"127.0.0.1:{port}", retry=policy) as client,
+            pytest.raises((UnavailableError, DeadlineExceededError)) as raised,
+        ):
             client.embed(["x"], timeout=0.5)
+        # Either the deadline left no time for another attempt (the last UNAVAILABLE), or it
+        # cut one short, which says which error made the client retry.
+        if isinstance(raised.value, DeadlineExceededError):
+            assert isinstance(raised.value.__cause__, UnavailableError)
         # Far fewer attempts than the policy allows: the deadline ended the retries.
         assert 2 <= servicer.attempts < 1000
     finally:
         server.stop(None)
 
 
+def test_a_retry_cut_short_by_the_deadline_names_why_it_retried() -> None:
+    servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE, stall_from_attempt=2)
+    server, port = start_scripted_server(servicer)
+    policy = RetryPolicy(max_attempts=5, initial_backoff=0.001, max_backoff=0.001)
+    try:
+        with (
+            Client(f"127.0.0.1:{port}", retry=policy) as client,
+            pytest.raises(DeadlineExceededError) as raised,
+        ):
+            client.embed(["x"], timeout=0.5)
+        assert isinstance(raised.value.__cause__, UnavailableError)
+        assert raised.value.__cause__.message == "scripted failure"
+        assert servicer.attempts == 2
+    finally:
+        server.stop(None)
+
+
+def test_a_deadline_without_retries_has_no_cause() -> None:
+    servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE, stall_from_attempt=1)
+    server, port = start_scripted_server(servicer)
+    try:
+        with Client(f"127.0.0.1:{port}") as client, pytest.raises(DeadlineExceededError) as raised:
+            client.embed(["x"], timeout=0.3)
+        assert raised.value.__cause__ is None
+        assert servicer.attempts == 1
+    finally:
+        server.stop(None)
+
+
 def test_server_retry_hint_is_honoured_within_the_deadline() -> None:
     # The server asks for 10 s; the deadline is 1 s, so the client must not retry at all.
-    servicer = _Scripted(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=10.0)
-    server, port = _scripted_server(servicer)
+    servicer = ScriptedEmbedServicer(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=10.0)
+    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=10, initial_backoff=0.001, max_backoff=30)
     try:
         with Client(f"127.0.0.1:{port}", retry=policy) as client:

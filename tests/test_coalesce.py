@@ -17,7 +17,7 @@ from harness import InProcessServer, serving
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_client import _Scripted, _scripted_server
+from support.scripted import ScriptedEmbedServicer, start_scripted_server
 
 from embedserve.client import (
     AsyncClient,
@@ -220,8 +220,8 @@ def test_a_server_that_takes_fewer_texts_a_call_answers_every_caller(
 
 
 def test_an_overload_reaches_every_merged_caller_with_its_retry_hint() -> None:
-    servicer = _Scripted(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=10.0)
-    server, port = _scripted_server(servicer)
+    servicer = ScriptedEmbedServicer(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=10.0)
+    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=30)
 
     async def run() -> list[Embeddings | BaseException]:
