@@ -6,7 +6,7 @@ same weights precision (``--dtype``, the server's: float32 unless the run says o
 are tokenized and padded before the clock starts: what is timed is the forward pass, the
 pooling and the copy of the result to numpy, as on the server's forward thread.
 
-Runs as its own process (``python -m bench.ceiling --threads 2 [--dtype bfloat16]``) that
+Runs as its own process (``python -m bench.ceiling --threads 2 [--dtype bfloat16|int8]``) that
 answers JSON commands, one a line on stdin, so that ``bench.run`` can interleave ceiling
 measurements with server measurements in one run without loading the model again.
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 from bench import texts as corpus
 from bench.procs import DTYPES
 from embedserve.service.models.packed_bert import PackedBertEncoder
+from embedserve.service.models.quantization import quantize_linears
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
 
@@ -51,9 +52,11 @@ class Ceiling:
         folder = corpus.model_folder()
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         # Before the packed encoder fuses the projections: it keeps the weights' dtype.
-        self.model.to(getattr(torch, dtype))
+        self.model.to(torch.float32 if dtype == "int8" else getattr(torch, dtype))
         self.model.eval()
         self._packed = PackedBertEncoder(self.model)  # shares the model's weights
+        if dtype == "int8":  # as the server converts them: the fused projections too
+            quantize_linears(self.model, self._packed.layers)
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.no_padding()
         tok.enable_truncation(MAX_TOKENS)

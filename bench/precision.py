@@ -1,7 +1,7 @@
 """What a lower weights precision costs retrieval: the server's own vectors, float32 against
 another ``--dtype``, on the benchmark's texts.
 
-    python -m bench.precision [--dtype bfloat16] [--documents 4000] [--queries 300]
+    python -m bench.precision [--dtype bfloat16|float16|int8] [--documents 4000] [--queries 300]
                               [--k 10] [--threads 2] [--out FILE]
 
 Both embedders are the server's adapter for the packaged all-MiniLM-L6-v2 (padding-free, as
@@ -38,7 +38,7 @@ from bench import texts as corpus
 from bench.procs import DTYPES
 from embedserve.service.api.encoding import finish_vectors
 from embedserve.service.engine.runner import BatchRunner
-from embedserve.service.models.base import DeviceSpec
+from embedserve.service.models.loading import resolve_device
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
 from embedserve.service.models.tokenization import Truncation
@@ -51,7 +51,7 @@ class Embedder:
 
     def __init__(self, dtype: str) -> None:
         options = ModelOptions(folder=corpus.model_folder(), name=f"minilm-{dtype}")
-        device = DeviceSpec(torch.device("cpu"), getattr(torch, dtype))
+        device = resolve_device("cpu", dtype)
         self.adapter = SentenceTransformerEmbedder(options, device)
         self.runner = BatchRunner(self.adapter)
 

@@ -26,8 +26,9 @@ from typing import Any
 
 from bench.loadgen import LoadSpec, run_load
 
-# Weights precisions a benchmarked model may take: the server's --dtype, less its auto.
-DTYPES = ("float32", "bfloat16", "float16")
+# Weights precisions a benchmarked model may take: the server's --dtype, less its auto. int8
+# converts the linear layers of a model loaded in float32 (service/models/quantization.py).
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 ROOT = Path(__file__).resolve().parent.parent
 INFINITY_VENV = ROOT / "bench" / ".venv-infinity"

@@ -589,6 +589,7 @@ def markdown(results: Json) -> str:
             "batch_32",
             "forward_nice",
             "dtype_bf16",
+            "dtype_int8",
             "padded",
             "one_worker",
         ):

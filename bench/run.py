@@ -277,6 +277,11 @@ class Suite:
                 wanted["dtype-bf16"] = lambda: procs.start_embedserve(
                     "dtype-bf16", log_dir, threads, ["--dtype", "bfloat16"]
                 )
+            # int8 linear layers, a scale per token: for CPUs without bfloat16 hardware.
+            if self.dtype != "int8":
+                wanted["dtype-int8"] = lambda: procs.start_embedserve(
+                    "dtype-int8", log_dir, threads, ["--dtype", "int8"]
+                )
         if self.wants("cache_repeats"):
             wanted["cache-on"] = lambda: procs.start_embedserve(
                 "cache-on", log_dir, threads, ["--cache-bytes", CACHE_BYTES]
@@ -726,6 +731,7 @@ class Suite:
             ("forward_nice", f"--forward-nice {FORWARD_NICE}", "forward-nice"),
             ("batch_32", "--max-batch-size 32", "batch-32"),
             ("dtype_bf16", "--dtype bfloat16", "dtype-bf16"),
+            ("dtype_int8", "--dtype int8", "dtype-int8"),
             ("padded", "--padding-free false", "padded"),
             ("one_worker", "--forward-workers 1", "one-worker"),
         ]

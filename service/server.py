@@ -110,7 +110,14 @@ def build_registry(config: ServerConfig, telemetry: Telemetry = DISABLED) -> Mod
                 cpu_threads,
             )
         bf16_flag = bf16_matmul_flag() if device.dtype == torch.float32 else None
-        if bf16_flag is not None:
+        if bf16_flag is not None and device.int8_linears:
+            log.info(
+                "this CPU multiplies bfloat16 in hardware (%s): --dtype bfloat16 served about "
+                "as many calls as int8 on such a CPU and stays nearer float32 (a cosine of "
+                "about 0.9999, against 0.990 for int8; docs/benchmarks.md)",
+                bf16_flag,
+            )
+        elif bf16_flag is not None:
             log.info(
                 "this CPU multiplies bfloat16 in hardware (%s): --dtype bfloat16 is faster "
                 "here, at a cosine of about 0.9999 to float32 vectors (docs/benchmarks.md); "

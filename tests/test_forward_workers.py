@@ -240,6 +240,16 @@ def test_start_up_on_the_cpu_names_the_bfloat16_option_where_the_cpu_has_it(
         hinted = f"this CPU multiplies bfloat16 in hardware ({flag})" in caplog.text
         assert hinted is (flag is not None)
         assert ("--dtype bfloat16 is faster" in caplog.text) is (flag is not None)
+    # Serving int8 on such a CPU, the hint says what bfloat16 would keep instead.
+    monkeypatch.setattr("embedserve.service.server.bf16_matmul_flag", lambda: "amx_bf16")
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="embedserve.service.server"),
+        built_registry(dataclasses.replace(config, dtype="int8")),
+    ):
+        pass
+    assert "(amx_bf16): --dtype bfloat16 served about as many calls as int8" in caplog.text
+    assert "--dtype bfloat16 is faster" not in caplog.text
 
 
 # -- the engine with two workers ----------------------------------------------------------

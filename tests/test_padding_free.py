@@ -9,6 +9,7 @@ import pytest
 import torch
 from harness import InProcessServer, bytes_vectors, serving
 from support.bert import reference_bert_embed, right_padded, tiny_bert
+from torch import nn
 from transformers import Qwen3Config, Qwen3Model, RobertaConfig, RobertaModel
 
 from embedserve.service.engine.runner import BatchRunner
@@ -82,7 +83,9 @@ def test_fusing_the_projections_leaves_the_model_unchanged_and_shares_its_weight
         after = model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(after, before, atol=0, rtol=0)
     attention = model.encoder.layer[0].attention.self
-    fused = encoder._layers[0].qkv_weight
+    qkv = encoder._layers[0].qkv
+    assert isinstance(qkv, nn.Linear)
+    fused = qkv.weight
     for part, projection in enumerate((attention.query, attention.key, attention.value)):
         assert projection.weight.data_ptr() == fused[part * 32].data_ptr()
 

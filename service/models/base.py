@@ -38,10 +38,15 @@ class DeviceSpec:
     """Where and in which precision a model runs."""
 
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the activations, and of the weights unless ``int8_linears``
+    # --dtype int8 (CPU): every linear layer's weights in int8, its input quantized per call
+    # (models/quantization.py); the embeddings, norms and attention stay in ``dtype``.
+    int8_linears: bool = False
 
     @property
     def dtype_name(self) -> str:
+        if self.int8_linears:
+            return "int8"
         return str(self.dtype).removeprefix("torch.")
 
 

@@ -16,6 +16,7 @@ from embedserve.service.models.base import (
 )
 from embedserve.service.models.folder import load_config, load_weights, max_positions
 from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.quantization import apply_int8
 from embedserve.service.models.tokenization import TextTokenizer, TokenizedInput, Truncation
 
 
@@ -44,6 +45,8 @@ class CrossEncoderReranker(RerankerAdapter):
             options.folder, max_tokens=options.input_limit(max_positions(config))
         )
         self._model = load_weights(AutoModelForSequenceClassification, options.folder, device)
+        # The encoder only: the one-row score head stays exact, and costs nothing.
+        apply_int8(device, self._model.base_model)
         # BERT pairs need segment ids; derive them on the device from the first
         # separator rather than carrying them through the queue.
         self._separator = self.tokenizer.token_id("[SEP]")

@@ -20,6 +20,7 @@ from embedserve.service.models.base import (
 from embedserve.service.models.cross_encoder import CrossEncoderReranker
 from embedserve.service.models.folder import load_config
 from embedserve.service.models.options import ModelOptions
+from embedserve.service.models.quantization import require_int8_kernels
 from embedserve.service.models.qwen3 import Qwen3Embedder, Qwen3Reranker
 from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
 
@@ -53,13 +54,21 @@ def resolve_device(requested: str, dtype: str) -> DeviceSpec:
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
             dtype = "float32"
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise ModelLoadError(
+                f"--dtype int8 runs on the CPU only (its int8 kernels are the CPU's); on "
+                f"{device.type} use float16 or bfloat16"
+            )
+        require_int8_kernels()
+        return DeviceSpec(device, torch.float32, int8_linears=True)
     torch_dtype = {
         "float32": torch.float32,
         "float16": torch.float16,
         "bfloat16": torch.bfloat16,
     }.get(dtype)
     if torch_dtype is None:
-        raise ModelLoadError(f"unknown dtype {dtype!r} (float32, float16, bfloat16 or auto)")
+        raise ModelLoadError(f"unknown dtype {dtype!r} (float32, float16, bfloat16, int8 or auto)")
     return DeviceSpec(device, torch_dtype)
 
 

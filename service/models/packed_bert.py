@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 from torch import nn
 
 from embedserve.service.models.packing import PackedBatch, Packing
@@ -34,10 +33,11 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-class _Layer:
-    """One BertLayer's weights. Hugging Face's module tree is untyped, hence ``Any``."""
+class _Layer(nn.Module):
+    """One BertLayer's modules, with the query, key and value projections as one."""
 
     def __init__(self, layer: Any) -> None:
+        super().__init__()
         attention = layer.attention.self
         hidden = attention.query.in_features
         fused_weight = torch.cat(
@@ -51,17 +51,21 @@ class _Layer:
             rows = slice(part * hidden, (part + 1) * hidden)
             projection.weight = nn.Parameter(fused_weight[rows], requires_grad=False)
             projection.bias = nn.Parameter(fused_bias[rows], requires_grad=False)
-        self.qkv_weight: torch.Tensor = fused_weight
-        self.qkv_bias: torch.Tensor = fused_bias
+        qkv = nn.Linear(hidden, 3 * hidden, device="meta")  # its weights are set next
+        qkv.weight = nn.Parameter(fused_weight, requires_grad=False)
+        qkv.bias = nn.Parameter(fused_bias, requires_grad=False)
+        self.qkv: nn.Module = qkv
         self.heads: int = attention.num_attention_heads
         self.head_size: int = attention.attention_head_size
-        self.attention_out: nn.Linear = layer.attention.output.dense
+        # The model's own modules: a linear layer converted in place (--dtype int8,
+        # quantization.py) is converted for both.
+        self.attention_out: nn.Module = layer.attention.output.dense
         self.attention_norm: nn.LayerNorm = layer.attention.output.LayerNorm
-        self.intermediate: nn.Linear = layer.intermediate.dense
+        self.intermediate: nn.Module = layer.intermediate.dense
         self.activation: Callable[[torch.Tensor], torch.Tensor] = (
             layer.intermediate.intermediate_act_fn
         )
-        self.out: nn.Linear = layer.output.dense
+        self.out: nn.Module = layer.output.dense
         self.out_norm: nn.LayerNorm = layer.output.LayerNorm
 
 
@@ -81,6 +85,8 @@ class PackedBertEncoder:
         self._token_type: nn.Embedding = embeddings.token_type_embeddings
         self._embedding_norm: nn.LayerNorm = embeddings.LayerNorm
         self._layers = [_Layer(layer) for layer in model.encoder.layer]
+        # The same layers as a module tree, for what walks one (--dtype int8's conversion).
+        self.layers = nn.ModuleList(self._layers)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
         packing = Packing(input_ids, attention_mask, self._by_length)
@@ -93,12 +99,10 @@ class PackedBertEncoder:
 
     @staticmethod
     def _layer(layer: _Layer, x: torch.Tensor, packing: Packing) -> torch.Tensor:
-        qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+        qkv = layer.qkv(x)
         q, k, v = qkv.view(x.shape[0], 3, layer.heads, layer.head_size).unbind(1)
         context = packing.attend(q, k, v)
-        x = layer.attention_norm(
-            F.linear(context, layer.attention_out.weight, layer.attention_out.bias) + x
-        )
-        inner = layer.activation(F.linear(x, layer.intermediate.weight, layer.intermediate.bias))
-        out: torch.Tensor = layer.out_norm(F.linear(inner, layer.out.weight, layer.out.bias) + x)
+        x = layer.attention_norm(layer.attention_out(context) + x)
+        inner = layer.activation(layer.intermediate(x))
+        out: torch.Tensor = layer.out_norm(layer.out(inner) + x)
         return out

@@ -30,6 +30,7 @@ from embedserve.service.models.folder import (
 )
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_qwen3 import PackedQwen3Decoder, unsupported_reason
+from embedserve.service.models.quantization import apply_int8
 from embedserve.service.models.tokenization import TextTokenizer, TokenizedInput, Truncation
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -88,6 +89,7 @@ class Qwen3Embedder(EmbeddingAdapter):
                 "pools the end token's hidden state (check tokenizer.json's post_processor)"
             )
         self._model = load_weights(AutoModel, options.folder, device)
+        apply_int8(device, self._model)
         self._packed = _padding_free(self._model, options, device)
         self.dimensions = int(self._model.config.hidden_size)
         self.min_dimensions = options.dimension_floor(
@@ -139,6 +141,7 @@ class Qwen3Reranker(RerankerAdapter):
         # vocabulary-sized LM head, a dot product per sequence.
         self._yes_minus_no = (head[yes].float() - head[no].float()).detach().clone()
         self._backbone = model.get_decoder()
+        apply_int8(device, self._backbone)  # after the head's row was taken, in float
         self._packed = _padding_free(self._backbone, options, device)
         self.default_instruction = (
             DEFAULT_INSTRUCTION

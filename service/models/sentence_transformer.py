@@ -24,6 +24,7 @@ from embedserve.service.models.folder import (
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
 from embedserve.service.models.packing import PackedBatch
+from embedserve.service.models.quantization import apply_int8
 from embedserve.service.models.tokenization import TextTokenizer
 
 POOLINGS = ("mean", "cls", "last_token")
@@ -68,6 +69,8 @@ class SentenceTransformerEmbedder(EmbeddingAdapter):
                 self._packed = PackedBertEncoder(self._model)
             else:
                 log.info("padding-free forward unavailable", extra={"reason": reason})
+        # After the packed encoder fused its projections: int8 converts the fused one too.
+        apply_int8(device, self._model, *([self._packed.layers] if self._packed else []))
         log.info("forward", extra={"model": self.name, "padding_free": self.padding_free})
 
     @property
