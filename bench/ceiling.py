@@ -35,8 +35,9 @@ import torch.nn.functional as F  # noqa: N812 - the idiomatic name
 
 from bench import texts as corpus
 from bench.procs import DTYPES
+from embedserve.service.models.loading import resolve_device
 from embedserve.service.models.packed_bert import PackedBertEncoder
-from embedserve.service.models.quantization import quantize_linears
+from embedserve.service.models.quantization import apply_int8
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
 
@@ -51,12 +52,13 @@ class Ceiling:
         self.dtype = dtype
         folder = corpus.model_folder()
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        device = resolve_device("cpu", dtype)  # the server's reading of --dtype
         # Before the packed encoder fuses the projections: it keeps the weights' dtype.
-        self.model.to(torch.float32 if dtype == "int8" else getattr(torch, dtype))
+        self.model.to(device.dtype)
         self.model.eval()
         self._packed = PackedBertEncoder(self.model)  # shares the model's weights
-        if dtype == "int8":  # as the server converts them: the fused projections too
-            quantize_linears(self.model, self._packed.layers)
+        # As the server's adapter does: int8 converts the fused projections too.
+        apply_int8(device, self.model, self._packed.layers)
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.no_padding()
         tok.enable_truncation(MAX_TOKENS)

@@ -24,7 +24,8 @@ import torch
 
 from bench import texts as corpus
 from bench.procs import DTYPES
-from embedserve.service.models.quantization import quantize_linears
+from embedserve.service.models.loading import resolve_device
+from embedserve.service.models.quantization import apply_int8
 from embedserve.v1 import common_pb2, embed_service_pb2, embed_service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -47,10 +48,10 @@ class NaiveEmbedder(embed_service_pb2_grpc.EmbedServiceServicer):
         torch.set_num_threads(threads)
         folder = corpus.model_folder()
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-        self.model.to(torch.float32 if dtype == "int8" else getattr(torch, dtype))
+        device = resolve_device("cpu", dtype)  # the server's reading of --dtype
+        self.model.to(device.dtype)
         self.model.eval()
-        if dtype == "int8":
-            quantize_linears(self.model)
+        apply_int8(device, self.model)
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.enable_truncation(MAX_TOKENS)
         tokenizer.enable_padding()

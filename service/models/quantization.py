@@ -22,6 +22,7 @@ from torch import nn
 from embedserve.service.models.base import DeviceSpec, ModelLoadError
 
 INT8_MAX = 127
+_TINY = torch.finfo(torch.float32).tiny  # keeps an all-zero row's scale above zero
 
 
 def require_int8_kernels() -> None:
@@ -48,7 +49,7 @@ class Int8Linear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+        scale = weight.abs().amax(dim=1).clamp(min=_TINY) / INT8_MAX
         quantized = torch.round(weight / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)
         # [in, out], row-major: the layout _int_mm multiplies fastest on the CPU.
         self.register_buffer("weight_t", quantized.to(torch.int8).t().contiguous())
@@ -59,7 +60,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
         scale = rows.abs().amax(dim=1, keepdim=True)
-        scale = scale.clamp_(min=torch.finfo(torch.float32).tiny).div_(INT8_MAX)
+        scale = scale.clamp_(min=_TINY).div_(INT8_MAX)
         quantized = torch.round(rows / scale).to(torch.int8)  # within ±127 by the scale
         out = torch._int_mm(quantized, self.weight_t).float()
         out.mul_(scale).mul_(self.weight_scale)
