@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from harness import InProcessServer, wait_until
-from support.scripted import ScriptedEmbedServicer, start_scripted_server
+from support.scripted import ScriptedEmbedServicer, scripted_server
 
 from embedserve.client import Client
 
@@ -81,16 +81,13 @@ def test_errors_exit_non_zero_naming_the_field(qwen3_server: InProcessServer) ->
 def test_a_deadline_that_cut_a_retry_short_prints_what_was_retried() -> None:
     # One UNAVAILABLE, then an attempt that runs into the deadline.
     servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE, stall_from_attempt=2)
-    server, port = start_scripted_server(servicer)
-    try:
+    with scripted_server(servicer) as port:
         result = subprocess.run(
             [*COMMAND, "embed", "x", "--target", f"127.0.0.1:{port}", "--timeout", "2"],
             capture_output=True,
             text=True,
             timeout=60,
         )
-    finally:
-        server.stop(None)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-2].startswith("embedserve: DEADLINE_EXCEEDED")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from harness import InProcessServer, ServerProcess
 from support.qwen3 import reference_qwen3_embed
-from support.scripted import ScriptedEmbedServicer, start_scripted_server
+from support.scripted import ScriptedEmbedServicer, scripted_server
 
 from embedserve.client import (
     AsyncClient,
@@ -204,9 +204,8 @@ def test_retries_only_when_the_replica_could_not_take_the_call(
     code: grpc.StatusCode, retried: bool
 ) -> None:
     servicer = ScriptedEmbedServicer(code)
-    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=4, initial_backoff=0.001, max_backoff=0.01)
-    try:
+    with scripted_server(servicer) as port:
         with (
             Client(f"127.0.0.1:{port}", retry=policy) as client,
             pytest.raises(Exception) as raised,
@@ -214,15 +213,12 @@ def test_retries_only_when_the_replica_could_not_take_the_call(
             client.embed(["x"], timeout=30)
         assert getattr(raised.value, "code", None) == code
         assert servicer.attempts == (4 if retried else 1)
-    finally:
-        server.stop(None)
 
 
 def test_a_deadline_stops_retrying() -> None:
     servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE)
-    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=100_000, initial_backoff=0.01, max_backoff=0.05)
-    try:
+    with scripted_server(servicer) as port:
         with (
             Client(f"127.0.0.1:{port}", retry=policy) as client,
             pytest.raises((UnavailableError, DeadlineExceededError)) as raised,
@@ -234,15 +230,12 @@ def test_a_deadline_stops_retrying() -> None:
             assert isinstance(raised.value.__cause__, UnavailableError)
         # Far fewer attempts than the policy allows: the deadline ended the retries.
         assert 2 <= servicer.attempts < 1000
-    finally:
-        server.stop(None)
 
 
 def test_a_retry_cut_short_by_the_deadline_names_why_it_retried() -> None:
     servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE, stall_from_attempt=2)
-    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=5, initial_backoff=0.001, max_backoff=0.001)
-    try:
+    with scripted_server(servicer) as port:
         with (
             Client(f"127.0.0.1:{port}", retry=policy) as client,
             pytest.raises(DeadlineExceededError) as raised,
@@ -251,35 +244,27 @@ def test_a_retry_cut_short_by_the_deadline_names_why_it_retried() -> None:
         assert isinstance(raised.value.__cause__, UnavailableError)
         assert raised.value.__cause__.message == "scripted failure"
         assert servicer.attempts == 2
-    finally:
-        server.stop(None)
 
 
 def test_a_deadline_without_retries_has_no_cause() -> None:
     servicer = ScriptedEmbedServicer(grpc.StatusCode.UNAVAILABLE, stall_from_attempt=1)
-    server, port = start_scripted_server(servicer)
-    try:
+    with scripted_server(servicer) as port:
         with Client(f"127.0.0.1:{port}") as client, pytest.raises(DeadlineExceededError) as raised:
             client.embed(["x"], timeout=0.3)
         assert raised.value.__cause__ is None
         assert servicer.attempts == 1
-    finally:
-        server.stop(None)
 
 
 def test_server_retry_hint_is_honoured_within_the_deadline() -> None:
     # The server asks for 10 s; the deadline is 1 s, so the client must not retry at all.
     servicer = ScriptedEmbedServicer(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=10.0)
-    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=10, initial_backoff=0.001, max_backoff=30)
-    try:
+    with scripted_server(servicer) as port:
         with Client(f"127.0.0.1:{port}", retry=policy) as client:
             with pytest.raises(OverloadedError) as raised:
                 client.embed(["x"], timeout=1.0)
             assert raised.value.retry_after == pytest.approx(10.0)
         assert servicer.attempts == 1
-    finally:
-        server.stop(None)
 
 
 def test_retry_policy_refuses_unsafe_codes() -> None:

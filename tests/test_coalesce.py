@@ -17,7 +17,7 @@ from harness import InProcessServer, serving
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support.scripted import ScriptedEmbedServicer, start_scripted_server
+from support.scripted import ScriptedEmbedServicer, scripted_server
 
 from embedserve.client import (
     AsyncClient,
@@ -221,7 +221,6 @@ def test_a_server_that_takes_fewer_texts_a_call_answers_every_caller(
 
 def test_an_overload_reaches_every_merged_caller_with_its_retry_hint() -> None:
     servicer = ScriptedEmbedServicer(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay_s=10.0)
-    server, port = start_scripted_server(servicer)
     policy = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=30)
 
     async def run() -> list[Embeddings | BaseException]:
@@ -233,10 +232,8 @@ def test_an_overload_reaches_every_merged_caller_with_its_retry_hint() -> None:
                 )
             )
 
-    try:
+    with scripted_server(servicer) as port:
         errors = asyncio.run(run())
-    finally:
-        server.stop(None)
     assert servicer.attempts == 1  # one merged call; the 10 s hint is past the deadline
     assert all(isinstance(e, OverloadedError) and e.retry_after == 10.0 for e in errors)
     assert len({id(e) for e in errors}) == 5

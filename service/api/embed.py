@@ -11,13 +11,9 @@ from opentelemetry import trace
 
 from embedserve.service import faults
 from embedserve.service.api import calls
+from embedserve.service.api.accounting import account_each, timing, usage
 from embedserve.service.api.calls import Context
-from embedserve.service.api.encoding import (
-    account_each,
-    duration,
-    encode_vectors,
-    finish_vectors,
-)
+from embedserve.service.api.encoding import encode_vectors, finish_vectors
 from embedserve.service.api.errors import FieldViolation, invalid_argument, model_not_found
 from embedserve.service.api.validation import embed_options
 from embedserve.service.engine.work import Lane
@@ -26,7 +22,7 @@ from embedserve.service.lifecycle import Lifecycle
 from embedserve.service.models.tokenization import InputTooLongError, Truncation
 from embedserve.service.registry import ModelRegistry, UnknownModel
 from embedserve.service.telemetry.metrics import ServerMetrics
-from embedserve.v1 import common_pb2, embed_service_pb2, embed_service_pb2_grpc
+from embedserve.v1 import embed_service_pb2, embed_service_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -117,18 +113,8 @@ class EmbedServicer(embed_service_pb2_grpc.EmbedServiceServicer):
         return embed_service_pb2.EmbedResponse(
             model=model.name,
             embeddings=account_each(encode_vectors(vectors, options.encoding), outcome),
-            usage=common_pb2.Usage(
-                input_tokens=outcome.input_tokens,
-                inputs=len(request.inputs),
-                truncated_inputs=outcome.truncated_inputs,
-                cached_inputs=outcome.cached_inputs,
-            ),
-            timing=common_pb2.Timing(
-                tokenization=duration(outcome.tokenize_s),
-                queue=duration(outcome.queue_s),
-                inference=duration(outcome.inference_s),
-                total=duration(time.perf_counter() - started),
-            ),
+            usage=usage(outcome, len(request.inputs)),
+            timing=timing(outcome, started),
         )
 
 

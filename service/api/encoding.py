@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-from google.protobuf import duration_pb2
 
 from embedserve.v1 import common_pb2
-
-if TYPE_CHECKING:
-    from embedserve.service.inference import Outcome
 
 _LITTLE_ENDIAN_F32 = np.dtype("<f4")
 
@@ -46,23 +40,3 @@ def encode_vectors(vectors: np.ndarray, encoding: int) -> list[common_pb2.Embedd
         common_pb2.Embedding(float32=common_pb2.FloatVector(values=row.tolist()), dimensions=dims)
         for row in vectors
     ]
-
-
-def account_each(
-    embeddings: list[common_pb2.Embedding], outcome: Outcome
-) -> list[common_pb2.Embedding]:
-    """Each input's share of the usage on its own embedding, so that a client that merged
-    several callers' texts into one call can give each caller its own usage."""
-    for embedding, tokens, truncated, cached in zip(
-        embeddings, outcome.tokens_each, outcome.truncated_each, outcome.cached_each, strict=True
-    ):
-        embedding.input_tokens = tokens
-        embedding.truncated = truncated
-        embedding.cached = cached
-    return embeddings
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value

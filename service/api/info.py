@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from embedserve.service import __version__
+from embedserve.service.api.accounting import duration
 from embedserve.service.api.calls import Context
-from embedserve.service.api.encoding import duration
 from embedserve.service.engine.engine import Engine
 from embedserve.service.inference import Reranker
 from embedserve.service.models.base import RerankMethod

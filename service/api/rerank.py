@@ -7,15 +7,15 @@ import time
 import numpy as np
 
 from embedserve.service.api import calls
+from embedserve.service.api.accounting import timing, usage
 from embedserve.service.api.calls import Context
 from embedserve.service.api.embed import ApiSettings
-from embedserve.service.api.encoding import duration
 from embedserve.service.api.validation import rerank_options
 from embedserve.service.inference import Scheduling
 from embedserve.service.lifecycle import Lifecycle
 from embedserve.service.models.tokenization import InputTooLongError
 from embedserve.service.registry import ModelRegistry
-from embedserve.v1 import common_pb2, rerank_service_pb2, rerank_service_pb2_grpc
+from embedserve.v1 import rerank_service_pb2, rerank_service_pb2_grpc
 
 
 class RerankServicer(rerank_service_pb2_grpc.RerankServiceServicer):
@@ -71,16 +71,6 @@ class RerankServicer(rerank_service_pb2_grpc.RerankServiceServicer):
         return rerank_service_pb2.RerankResponse(
             model=model.name,
             results=results,
-            usage=common_pb2.Usage(
-                input_tokens=outcome.input_tokens,
-                inputs=len(request.documents),
-                truncated_inputs=outcome.truncated_inputs,
-                cached_inputs=outcome.cached_inputs,
-            ),
-            timing=common_pb2.Timing(
-                tokenization=duration(outcome.tokenize_s),
-                queue=duration(outcome.queue_s),
-                inference=duration(outcome.inference_s),
-                total=duration(time.perf_counter() - started),
-            ),
+            usage=usage(outcome, len(request.documents)),
+            timing=timing(outcome, started),
         )

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 from google.protobuf import duration_pb2
@@ -64,9 +65,14 @@ class RpcStatus(grpc.Status):
         self.trailing_metadata = (("grpc-status-details-bin", status.SerializeToString()),)
 
 
-def start_scripted_server(servicer: ScriptedEmbedServicer) -> tuple[grpc.Server, int]:
+@contextmanager
+def scripted_server(servicer: ScriptedEmbedServicer) -> Iterator[int]:
+    """Serve ``servicer`` on a loopback port for the ``with`` block; yields the port."""
     server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
     embed_service_pb2_grpc.add_EmbedServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    return server, port
+    try:
+        yield port
+    finally:
+        server.stop(None)
