@@ -126,15 +126,24 @@ class Scheduler:
         return best
 
     def _take_window(self, queue: _LaneQueue, now: float) -> list[QueuedSequence]:
+        # On the event loop between forward passes, and a forward worker waits for the GIL
+        # while it runs: a request's sequences lie together, so each is checked once.
         pool: list[QueuedSequence] = []
         window = max(self.limits.grouping_window, self.limits.max_batch_size)
-        while queue.items and len(pool) < window:
-            seq = queue.items.popleft()
-            request = seq.request
-            if request.live and request.deadline is not None and request.deadline <= now:
-                self._expire(request)
-            if request.live:
-                pool.append(seq)
+        items = queue.items
+        checked: WorkRequest | None = None
+        taken = True
+        while items and len(pool) < window:
+            popleft = items.popleft
+            for seq in [popleft() for _ in range(min(len(items), window - len(pool)))]:
+                request = seq.request
+                if request is not checked:
+                    checked = request
+                    if request.live and request.deadline is not None and request.deadline <= now:
+                        self._expire(request)
+                    taken = request.live
+                if taken:
+                    pool.append(seq)
         return pool
 
     def _group_by_length(
@@ -143,8 +152,10 @@ class Scheduler:
         """Grow a batch around the oldest sequence, adding the neighbours in length order
         that are closest to it, while count x longest stays within the token budget."""
         budget = self.limits.max_batch_tokens
-        order = sorted(range(len(pool)), key=lambda i: (pool[i].length, i))
-        lengths = [pool[i].length for i in order]
+        by_position = [seq.length for seq in pool]
+        # A stable sort: equal lengths stay in arrival order.
+        order = sorted(range(len(pool)), key=by_position.__getitem__)
+        lengths = [by_position[i] for i in order]
         seed = order.index(0)
         lo = hi = seed
         target = lengths[seed]
@@ -163,7 +174,10 @@ class Scheduler:
                 hi += 1
             else:
                 break
-        picked = set(order[lo : hi + 1])
-        chosen = [pool[i] for i in sorted(picked)]
-        rest = [seq for i, seq in enumerate(pool) if i not in picked]
+        picked = sorted(order[lo : hi + 1])
+        chosen = [pool[i] for i in picked]
+        left = [True] * len(pool)
+        for i in picked:
+            left[i] = False
+        rest = [seq for seq, keep in zip(pool, left, strict=True) if keep]
         return chosen, rest
