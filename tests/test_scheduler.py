@@ -375,6 +375,20 @@ def test_expiry_in_the_other_lane_is_noticed(loop: asyncio.AbstractEventLoop) ->
     assert bench.scheduler.empty
 
 
+def test_the_grouping_window_fills_past_dead_sequences(loop: asyncio.AbstractEventLoop) -> None:
+    # The window holds 2 sequences; the 6 of a cancelled request ahead do not take its room.
+    bench = make_bench(loop, max_batch_tokens=1_000, max_batch_size=2, grouping_window=2)
+    gone = bench.add([5] * 6, at=0.0)
+    stale = bench.add([5] * 2, at=0.1, deadline=1.0)
+    live = bench.add([20, 5, 5], at=0.2)
+    bench.cancel(gone)
+    batch = bench.next(now=1.0)
+    assert [(s.request, s.index) for s in batch] == [(live, 0), (live, 1)]
+    assert bench.expired == [stale]
+    assert [(s.request, s.index) for s in bench.next(now=1.0)] == [(live, 2)]
+    assert bench.scheduler.empty
+
+
 def test_expiry_after_some_sequences_ran(loop: asyncio.AbstractEventLoop) -> None:
     bench = make_bench(loop, max_batch_tokens=20, max_batch_size=2)
     request = bench.add([10] * 6, deadline=5.0)
