@@ -83,7 +83,8 @@ class SentenceTransformerEmbedder(EmbeddingAdapter):
 
     def thread_checkpoints(self) -> list[torch.nn.Module]:
         # BERT's attention output norm: Hugging Face's forward and the packed one (which
-        # calls no layer module, packed_bert.py) both call it once a layer.
+        # calls a layer's own submodules but not the BertLayer itself, packed_bert.py) both
+        # call it once a layer.
         return layer_checkpoints(self._model, "attention.output.LayerNorm")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
