@@ -1,7 +1,7 @@
 """Host memory of a bulk stream, server configurations interleaved.
 
     python -m bench.bulk_memory [--texts 60000] [--rounds 2] [--out FILE]
-        [--config NAME=ARGS ...]
+        [--config NAME=ARGS ...] [--python NAME=INTERPRETER ...]
 
 Each configuration gets a fresh ``embedserve serve`` per round (its ``ARGS`` appended), in
 turn, round after round, and one ``EmbedStream`` of ``--texts`` bulk-corpus texts. The
@@ -9,6 +9,8 @@ server's VmRSS is sampled every 0.5 s. Growth shows as the largest VmRSS from 80
 (where the 200k-text runs had levelled off) against the largest within the first 35 s
 (what a 20k-text run lasts here). The default
 configurations compare the host memory trim on and off (``--memory-trim-interval-ms``).
+``--python NAME=INTERPRETER`` runs configuration NAME on another interpreter, so that another
+checkout's ``embedserve`` can be measured against this one.
 Prints one JSON document (also written to --out). Not part of the test suite.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,12 @@ LATE_S = 80.0
 DEFAULT_CONFIGS = ("trim-default=", "trim-off=--memory-trim-interval-ms 0")
 
 
-def one_run(name: str, args: list[str], texts: int, threads: int, log_dir: Path) -> dict[str, Any]:
-    server = procs.wait_serving_log(procs.start_embedserve(name, log_dir, threads, args))
+def one_run(
+    name: str, args: list[str], texts: int, threads: int, log_dir: Path, python: str
+) -> dict[str, Any]:
+    server = procs.wait_serving_log(
+        procs.start_embedserve(name, log_dir, threads, args, python=python)
+    )
     try:
         before = server.memory()
         with server.sampling_memory() as samples:
@@ -61,14 +68,24 @@ def main() -> None:
         action="append",
         help="NAME=ARGS: server flags of one configuration (repeatable)",
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        help="NAME=INTERPRETER: run configuration NAME on another interpreter (repeatable)",
+    )
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
+    interpreters = dict(text.split("=", 1) for text in options.python)
     configs = [procs.named_flags(c) for c in (options.config or DEFAULT_CONFIGS)]
     log_dir = Path(options.out or "bench/results/bulk-memory").with_suffix("") / "logs"
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
     for round_index in range(options.rounds):
         for name, args in configs:
-            run = one_run(f"{name}-{round_index}", args, options.texts, options.threads, log_dir)
+            python = interpreters.get(name, sys.executable)
+            run = one_run(
+                f"{name}-{round_index}", args, options.texts, options.threads, log_dir, python
+            )
             runs[name].append(run)
             summary = {k: v for k, v in run.items() if k != "rss_samples"}
             print(json.dumps({"config": name, "round": round_index, **summary}), flush=True)
@@ -76,6 +93,7 @@ def main() -> None:
         "texts": options.texts,
         "rounds": options.rounds,
         "configs": dict(configs),
+        "interpreters": interpreters,
         "median": {
             name: {
                 key: statistics.median(values)

@@ -56,7 +56,10 @@ class Ceiling:
         # Before the packed encoder fuses the projections: it keeps the weights' dtype.
         self.model.to(device.dtype)
         self.model.eval()
-        self._packed = PackedBertEncoder(self.model)  # shares the model's weights
+        # Shares the model's weights. Exact token counts, unlike the server in bfloat16 and
+        # int8 (packing.py's round_tokens): the loop cycles through at most 200 batches, so
+        # oneDNN compiles each one's shapes once, and no padding rows are computed.
+        self._packed = PackedBertEncoder(self.model)
         # As the server's adapter does: int8 converts the fused projections too.
         apply_int8(device, self.model, self._packed.layers)
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))

@@ -199,11 +199,13 @@ def start_embedserve(
     threads: int,
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    python: str = sys.executable,
 ) -> Service:
     """``embedserve serve`` on a free port. Settings not in ``args`` come from the EMBEDSERVE_*
-    variables of the environment (``bench.run --dtype`` sets EMBEDSERVE_DTYPE for every one)."""
+    variables of the environment (``bench.run --dtype`` sets EMBEDSERVE_DTYPE for every one).
+    ``python``: the interpreter, another checkout's to measure its ``embedserve``."""
     command = [
-        sys.executable,
+        python,
         "-m",
         "embedserve.service",
         "serve",

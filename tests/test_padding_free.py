@@ -18,7 +18,12 @@ from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
 from embedserve.service.models.packed_qwen3 import PackedQwen3Decoder
 from embedserve.service.models.packed_qwen3 import unsupported_reason as qwen3_unsupported_reason
-from embedserve.service.models.packing import MIN_SHARED_PREFIX, shared_prefix
+from embedserve.service.models.packing import (
+    MIN_SHARED_PREFIX,
+    rounded_token_count,
+    rounds_tokens,
+    shared_prefix,
+)
 from embedserve.service.models.qwen3 import Qwen3Embedder, Qwen3Reranker
 from embedserve.service.models.sentence_transformer import SentenceTransformerEmbedder
 from embedserve.service.models.tokenization import Truncation
@@ -27,6 +32,7 @@ from embedserve.v1 import common_pb2, embed_service_pb2, info_service_pb2
 CPU = DeviceSpec(torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.parametrize("round_tokens", [False, True], ids=["exact", "rounded"])
 @pytest.mark.parametrize("by_length", [True, False], ids=["runs-of-one-length", "padded"])
 @pytest.mark.parametrize(
     "lengths",
@@ -34,13 +40,13 @@ CPU = DeviceSpec(torch.device("cpu"), torch.float32)
     ids=["unequal", "one-sequence", "no-padding"],
 )
 def test_packed_hidden_states_and_poolings_match_the_padded_model(
-    lengths: list[int], by_length: bool
+    lengths: list[int], by_length: bool, round_tokens: bool
 ) -> None:
     model = tiny_bert(seed=len(lengths))
     ids, mask = right_padded(lengths, model.config.vocab_size, seed=sum(lengths))
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        packed = PackedBertEncoder(model, by_length=by_length)(ids, mask)
+        packed = PackedBertEncoder(model, by_length=by_length, round_tokens=round_tokens)(ids, mask)
     # The packed rows may be in another order than the batch's; the poolings may not.
     order = packed.order if packed.order is not None else torch.arange(len(lengths))
     assert packed.hidden.shape == (sum(lengths), model.config.hidden_size)
@@ -196,18 +202,23 @@ def tiny_qwen3(**overrides: Any) -> Any:
     return model.eval()  # type: ignore[no-untyped-call]
 
 
+@pytest.mark.parametrize("round_tokens", [False, True], ids=["exact", "rounded"])
 @pytest.mark.parametrize("by_length", [True, False], ids=["runs-of-one-length", "padded"])
 @pytest.mark.parametrize(
     "lengths",
     [[3, 17, 9, 1, 17, 12], [5], [8, 8, 8]],
     ids=["unequal", "one-sequence", "no-padding"],
 )
-def test_packed_qwen3_matches_the_padded_decoder(lengths: list[int], by_length: bool) -> None:
+def test_packed_qwen3_matches_the_padded_decoder(
+    lengths: list[int], by_length: bool, round_tokens: bool
+) -> None:
     model = tiny_qwen3()
     ids, mask = right_padded(lengths, model.config.vocab_size, seed=sum(lengths))
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        packed = PackedQwen3Decoder(model, by_length=by_length)(ids, mask)
+        packed = PackedQwen3Decoder(model, by_length=by_length, round_tokens=round_tokens)(
+            ids, mask
+        )
     order = packed.order if packed.order is not None else torch.arange(len(lengths))
     torch.testing.assert_close(
         packed.hidden, hidden[order][mask[order].bool()], atol=1e-5, rtol=1e-5
@@ -275,15 +286,16 @@ def with_shared_prefix(
     return ids, mask
 
 
+@pytest.mark.parametrize("round_tokens", [False, True], ids=["exact", "rounded"])
 @pytest.mark.parametrize("own_lengths", [[3, 17, 9, 1, 17, 12], [4, 4]], ids=["unequal", "equal"])
 def test_a_prefix_every_row_shares_is_computed_once_and_changes_nothing(
-    own_lengths: list[int],
+    own_lengths: list[int], round_tokens: bool
 ) -> None:
     model = tiny_qwen3()
     ids, mask = with_shared_prefix(20, own_lengths, model.config.vocab_size, seed=9)
     with torch.inference_mode():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        shared = PackedQwen3Decoder(model)(ids, mask)
+        shared = PackedQwen3Decoder(model, round_tokens=round_tokens)(ids, mask)
         unshared = PackedQwen3Decoder(model, share_prefix=False)(ids, mask)
     assert (shared.prefix, unshared.prefix) == (20, 0)
     # The prefix's 20 tokens are held once, not once a row.
@@ -315,3 +327,66 @@ def test_bert_never_shares_a_prefix() -> None:
     ids, mask = with_shared_prefix(20, [3, 9], model.config.vocab_size, seed=2)
     with torch.inference_mode():
         assert PackedBertEncoder(model)(ids, mask).prefix == 0
+
+
+def test_rounded_token_counts_are_few_and_cost_at_most_a_thirty_second() -> None:
+    budget = 8192  # the default --max-batch-tokens
+    counts = [rounded_token_count(tokens) for tokens in range(1, budget + 1)]
+    assert all(c >= t for t, c in zip(range(1, budget + 1), counts, strict=True))
+    assert counts == sorted(counts)
+    assert all(c % 16 == 0 for c in counts)
+    # Past the smallest step (16 tokens), no more than 1/32 of the count is padding.
+    assert all(c - t <= t / 32 for t, c in enumerate(counts, start=1) if t >= 512)
+    assert len(set(counts)) == 160
+    assert [rounded_token_count(t) for t in (1, 16, 17, 1100, 4097)] == [16, 16, 32, 1120, 4224]
+
+
+@pytest.mark.parametrize(
+    ("device", "rounds"),
+    [
+        (DeviceSpec(torch.device("cpu"), torch.bfloat16), True),
+        (DeviceSpec(torch.device("cpu"), torch.float16), True),
+        (DeviceSpec(torch.device("cpu"), torch.float32, int8_linears=True), True),
+        (CPU, False),
+        (DeviceSpec(torch.device("cuda"), torch.bfloat16), False),
+    ],
+    ids=["cpu-bfloat16", "cpu-float16", "cpu-int8", "cpu-float32", "cuda"],
+)
+def test_token_counts_are_rounded_where_onednn_runs_the_linear_layers(
+    device: DeviceSpec, rounds: bool
+) -> None:
+    assert rounds_tokens(device) is rounds
+
+
+def test_the_linear_layers_see_the_rounded_token_count_and_the_pooling_the_real_one() -> None:
+    model = tiny_bert(seed=4)
+    lengths = [3, 17, 9, 1, 17, 12]  # 59 tokens
+    ids, mask = right_padded(lengths, model.config.vocab_size, seed=4)
+    rows_seen: list[int] = []
+    model.encoder.layer[0].intermediate.dense.register_forward_pre_hook(
+        lambda _module, args: rows_seen.append(args[0].shape[0])
+    )
+    with torch.inference_mode():
+        exact = PackedBertEncoder(model)(ids, mask)
+        rounded = PackedBertEncoder(model, round_tokens=True)(ids, mask)
+    assert rows_seen == [59, rounded_token_count(59)] == [59, 64]
+    assert rounded.hidden.shape == exact.hidden.shape
+    torch.testing.assert_close(rounded.mean(), exact.mean(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "rounded"), [(torch.bfloat16, True), (torch.float32, False)])
+def test_the_minilm_adapter_rounds_its_token_count_in_bfloat16_only(
+    minilm_folder: Path, dtype: torch.dtype, rounded: bool
+) -> None:
+    embedder = SentenceTransformerEmbedder(
+        ModelOptions(folder=minilm_folder, name="m", padding_free=True),
+        DeviceSpec(torch.device("cpu"), dtype),
+    )
+    batch = [t.ids for t in embedder.tokenize(["hi", "a short text"], "", Truncation.END)]
+    tokens = sum(len(ids) for ids in batch)
+    rows_seen: list[int] = []
+    layer = embedder.thread_checkpoints()[0]  # called once a layer with the packed rows
+    layer.register_forward_pre_hook(lambda _module, args: rows_seen.append(args[0].shape[0]))
+    vectors = BatchRunner(embedder).run(batch)
+    assert vectors.shape == (2, embedder.dimensions)
+    assert rows_seen == [rounded_token_count(tokens) if rounded else tokens]

@@ -72,13 +72,17 @@ class _Layer(nn.Module):
 class PackedBertEncoder:
     """Runs a BertModel's embeddings and encoder on the real tokens of a padded batch."""
 
-    def __init__(self, model: Any, by_length: bool | None = None) -> None:
+    def __init__(
+        self, model: Any, by_length: bool | None = None, round_tokens: bool = False
+    ) -> None:
         """``by_length``: whether rows of unequal length attend in runs of one length
-        (the default on the CPU) or scattered into the padded layout (the default on CUDA)."""
+        (the default on the CPU) or scattered into the padded layout (the default on CUDA).
+        ``round_tokens``: see ``Packing``."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"cannot run packed: {reason}")
         self._by_length = by_length
+        self._round_tokens = round_tokens
         embeddings = model.embeddings
         self._words: nn.Embedding = embeddings.word_embeddings
         self._positions: nn.Embedding = embeddings.position_embeddings
@@ -89,7 +93,9 @@ class PackedBertEncoder:
         self.layers = nn.ModuleList(self._layers)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
-        packing = Packing(input_ids, attention_mask, self._by_length)
+        packing = Packing(
+            input_ids, attention_mask, self._by_length, round_tokens=self._round_tokens
+        )
         # Token type 0 for every token: embedders get one segment.
         x = self._words(packing.ids) + self._positions(packing.positions)
         x = self._embedding_norm(x + self._token_type.weight[0])

@@ -48,15 +48,20 @@ class PackedQwen3Decoder:
     """Runs a Qwen3Model on the real tokens of a right-padded batch; its final hidden states."""
 
     def __init__(
-        self, model: Any, by_length: bool | None = None, share_prefix: bool = True
+        self,
+        model: Any,
+        by_length: bool | None = None,
+        share_prefix: bool = True,
+        round_tokens: bool = False,
     ) -> None:
-        """``by_length``, ``share_prefix``: see ``Packing``."""
+        """``by_length``, ``share_prefix``, ``round_tokens``: see ``Packing``."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"cannot run packed: {reason}")
         self._model = model
         self._by_length = by_length
         self._share_prefix = share_prefix
+        self._round_tokens = round_tokens
         config = model.config
         self._heads: int = config.num_attention_heads
         self._kv_heads: int = config.num_key_value_heads
@@ -64,7 +69,9 @@ class PackedQwen3Decoder:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
         model = self._model
-        packing = Packing(input_ids, attention_mask, self._by_length, self._share_prefix)
+        packing = Packing(
+            input_ids, attention_mask, self._by_length, self._share_prefix, self._round_tokens
+        )
         x = model.embed_tokens(packing.ids)
         # The model's own rotary module, over the batch's width, then each token's row.
         width = input_ids.shape[1]

@@ -30,6 +30,7 @@ from embedserve.service.models.folder import (
 )
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_qwen3 import PackedQwen3Decoder, unsupported_reason
+from embedserve.service.models.packing import rounds_tokens
 from embedserve.service.models.quantization import apply_int8
 from embedserve.service.models.tokenization import TextTokenizer, TokenizedInput, Truncation
 
@@ -67,7 +68,7 @@ def _padding_free(
             "padding-free forward unavailable", extra={"model": options.name, "reason": reason}
         )
         return None
-    return PackedQwen3Decoder(decoder)
+    return PackedQwen3Decoder(decoder, round_tokens=rounds_tokens(device))
 
 
 class Qwen3Embedder(EmbeddingAdapter):

@@ -23,7 +23,7 @@ from embedserve.service.models.folder import (
 )
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.models.packed_bert import PackedBertEncoder, unsupported_reason
-from embedserve.service.models.packing import PackedBatch
+from embedserve.service.models.packing import PackedBatch, rounds_tokens
 from embedserve.service.models.quantization import apply_int8
 from embedserve.service.models.tokenization import TextTokenizer
 
@@ -66,7 +66,7 @@ class SentenceTransformerEmbedder(EmbeddingAdapter):
         if options.padding_free:
             reason = unsupported_reason(self._model)
             if reason is None:
-                self._packed = PackedBertEncoder(self._model)
+                self._packed = PackedBertEncoder(self._model, round_tokens=rounds_tokens(device))
             else:
                 log.info("padding-free forward unavailable", extra={"reason": reason})
         # After the packed encoder fused its projections: int8 converts the fused one too.
