@@ -209,10 +209,10 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name, flags in servers:
             python = interpreters.get(name, sys.executable)
-            command = [python, "-m", "embedserve.service", "serve", "--port", "0"]
-            command += ["--threads", str(args.threads), *flags]
             server = procs.wait_serving_log(
-                procs._spawn(f"{name}-{round_index}", command, args.out / "logs")
+                procs.start_embedserve(
+                    f"{name}-{round_index}", args.out / "logs", args.threads, flags, python=python
+                )
             )
             try:
                 assert server.address is not None
