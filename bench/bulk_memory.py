@@ -7,8 +7,12 @@ Each configuration gets a fresh ``embedserve serve`` per round (its ``ARGS`` app
 turn, round after round, and one ``EmbedStream`` of ``--texts`` bulk-corpus texts. The
 server's VmRSS is sampled every 0.5 s. Growth shows as the largest VmRSS from 80 s on
 (where the 200k-text runs had levelled off) against the largest within the first 35 s
-(what a 20k-text run lasts here). The default
-configurations compare the host memory trim on and off (``--memory-trim-interval-ms``).
+(what a 20k-text run lasts here). ``busy_workers`` is the growth of
+``embedserve_forward_duration_seconds_sum`` over the stream against its wall clock: how many
+forward workers were inside a batch on average (2.0: both, all the time; what is missing is
+time between batches).
+The default configurations compare the host memory trim on and off
+(``--memory-trim-interval-ms``).
 ``--python NAME=INTERPRETER`` runs configuration NAME on another interpreter, so that another
 checkout's ``embedserve`` can be measured against this one.
 Prints one JSON document (also written to --out). Not part of the test suite.
@@ -20,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +39,18 @@ DEFAULT_CONFIGS = ("trim-default=", "trim-off=--memory-trim-interval-ms 0")
 def one_run(
     name: str, args: list[str], texts: int, threads: int, log_dir: Path, python: str
 ) -> dict[str, Any]:
+    metrics_port = procs.free_port()
     server = procs.wait_serving_log(
-        procs.start_embedserve(name, log_dir, threads, args, python=python)
+        procs.start_embedserve(
+            name, log_dir, threads, [*args, "--metrics-port", str(metrics_port)], python=python
+        )
     )
     try:
         before = server.memory()
+        forward_before = forward_seconds(metrics_port)
         with server.sampling_memory() as samples:
             result = bulk_result(start_bulk(BulkSpec(target=server.address, count=texts)))
+        forward = forward_seconds(metrics_port) - forward_before
         after = server.memory()
     finally:
         server.stop(30)
@@ -49,6 +59,7 @@ def one_run(
     return {
         "tokens_per_s": result["tokens_per_s"],
         "elapsed_s": result["elapsed_s"],
+        "busy_workers": forward / result["elapsed_s"],
         "rss_before_mib": before.get("VmRSS"),
         "peak_rss_mib": after.get("VmHWM"),
         "max_rss_first_35s_mib": early,
@@ -56,6 +67,18 @@ def one_run(
         "growth": late / early - 1 if early and late else None,  # None: too short a run
         "rss_samples": samples,
     }
+
+
+def forward_seconds(metrics_port: int) -> float:
+    """The server's forward passes so far, in seconds (summed over its workers)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("embedserve_forward_duration_seconds_sum")
+    )
 
 
 def main() -> None:
@@ -99,7 +122,7 @@ def main() -> None:
                 key: statistics.median(values)
                 if (values := [r[key] for r in rs if r[key] is not None])
                 else None
-                for key in ("tokens_per_s", "peak_rss_mib", "growth")
+                for key in ("tokens_per_s", "busy_workers", "peak_rss_mib", "growth")
             }
             for name, rs in runs.items()
         },

@@ -23,7 +23,7 @@ import torch
 from harness import TEST_CONFIG, InProcessServer, serving, wait_until
 
 from embedserve.service.config import ServerConfig
-from embedserve.service.engine.engine import Engine
+from embedserve.service.engine.engine import ComputeResult, Engine
 from embedserve.service.engine.limits import BatchLimits
 from embedserve.service.engine.runner import ThreadCount
 from embedserve.service.engine.work import Lane
@@ -33,6 +33,7 @@ from embedserve.service.models.loading import load_embedder
 from embedserve.service.models.options import ModelOptions
 from embedserve.service.registry import ModelRegistry
 from embedserve.service.server import _engine, build_registry, forward_workers
+from embedserve.service.telemetry.metrics import ServerMetrics
 from embedserve.service.telemetry.setup import DISABLED
 
 CPU = DeviceSpec(torch.device("cpu"), torch.float32)
@@ -260,6 +261,7 @@ class Recorder:
     """Wraps the runner: records each batch and can keep batches running until let go."""
 
     batches: list[tuple[int, int, int]] = field(default_factory=list)  # size, threads, torch's
+    started: list[tuple[int, int]] = field(default_factory=list)  # size, worker thread
     thread_counts: list[ThreadCount] = field(default_factory=list)  # what each batch reads
     gate: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -271,6 +273,7 @@ class Recorder:
 
         def run(batch: Sequence[Sequence[int]], threads: ThreadCount = 0) -> np.ndarray:
             with self.lock:
+                self.started.append((len(batch), threading.get_native_id()))
                 self.running += 1
                 self.most_at_once = max(self.most_at_once, self.running)
             try:
@@ -314,12 +317,17 @@ def recorder(server: InProcessServer) -> Iterator[Recorder]:
         engine._runner.run = real_run  # type: ignore[method-assign]
 
 
-def submit(server: InProcessServer, count: int, sequence: list[int] = SEQUENCE) -> Future[object]:
+def submit(
+    server: InProcessServer,
+    count: int,
+    sequence: list[int] = SEQUENCE,
+    lane: Lane = Lane.INTERACTIVE,
+) -> Future[ComputeResult]:
     """Queue one request of ``count`` sequences on the server's loop; its future."""
     (engine,) = server.engines
 
-    async def compute() -> object:
-        return await engine.compute([sequence] * count, Lane.INTERACTIVE, None)
+    async def compute() -> ComputeResult:
+        return await engine.compute([sequence] * count, lane, None)
 
     return asyncio.run_coroutine_threadsafe(compute(), server._loop)
 
@@ -329,9 +337,16 @@ def computed(server: InProcessServer) -> int:
     return server.call(lambda: engine.stats.sequences_computed)
 
 
-def queued(server: InProcessServer) -> int:
+def queued(server: InProcessServer, lane: Lane = Lane.INTERACTIVE) -> int:
     (engine,) = server.engines
-    return server.call(lambda: engine.queued_sequences(Lane.INTERACTIVE))
+    return server.call(lambda: engine.queued_sequences(lane))
+
+
+def next_batches(server: InProcessServer) -> tuple[int, int]:
+    """Batches queued on a busy worker so far, and those of them recalled."""
+    (engine,) = server.engines
+    stats = server.call(lambda: dataclasses.replace(engine.stats))
+    return stats.next_batches_queued, stats.next_batches_recalled
 
 
 def test_two_workers_by_default_for_two_threads(server: InProcessServer) -> None:
@@ -453,6 +468,88 @@ def test_a_failed_batch_fails_only_its_callers_while_the_other_worker_runs(
         failed.result(30)
     assert recorder.running == 1 and not long_running.done()
     recorder.gate.set()
-    assert len(long_running.result(30).outputs) == 10  # type: ignore[attr-defined]
+    assert len(long_running.result(30).outputs) == 10
     # Both workers are free again: a request that fills both still runs.
-    assert len(submit(server, 20).result(30).outputs) == 20  # type: ignore[attr-defined]
+    assert len(submit(server, 20).result(30).outputs) == 20
+
+
+# -- a next batch queued on a busy worker --------------------------------------------------
+
+
+def start_three_full_batches(server: InProcessServer, recorder: Recorder, lane: Lane) -> None:
+    """Two full batches running, one on each worker, and a third queued behind one of them."""
+    (engine,) = server.engines
+    queued_before, _ = next_batches(server)
+    server.call(engine.hold)
+    submit(server, 3 * MAX_BATCH_SIZE, lane=lane)
+    wait_until(lambda: queued(server, lane) == 3 * MAX_BATCH_SIZE, what="the request to queue")
+    server.call(engine.release)
+    wait_until(lambda: len(recorder.started) == 2, what="a batch on each worker")
+    wait_until(lambda: next_batches(server)[0] == queued_before + 1, what="a batch queued ahead")
+    assert queued(server, lane) == 0  # nothing left for a second one
+    assert [size for size, _ in recorder.started] == [MAX_BATCH_SIZE, MAX_BATCH_SIZE]
+
+
+def test_a_full_batch_left_waits_on_a_busy_worker_which_starts_it_without_the_event_loop(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    before = computed(server)
+    start_three_full_batches(server, recorder, Lane.INTERACTIVE)
+    # The event loop stops; the worker still goes on to the batch queued on it.
+    loop_free = threading.Event()
+    server.schedule(lambda: loop_free.wait(30))
+    try:
+        recorder.gate.set()
+        wait_until(lambda: len(recorder.started) == 3, what="the queued batch, the loop stopped")
+    finally:
+        loop_free.set()
+    size, thread = recorder.started[2]
+    assert size == MAX_BATCH_SIZE
+    assert thread in {worker for _, worker in recorder.started[:2]}
+    wait_until(lambda: computed(server) == before + 3 * MAX_BATCH_SIZE, what="every batch")
+    assert recorder.most_at_once == 2
+
+
+def test_an_interactive_call_takes_back_the_bulk_batch_queued_on_a_worker(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    before = computed(server)
+    start_three_full_batches(server, recorder, Lane.BULK)
+    _, recalled = next_batches(server)
+    interactive = submit(server, 1)
+    wait_until(lambda: next_batches(server)[1] == recalled + 1, what="the bulk batch recalled")
+    # A lone interactive call is not queued on a busy worker: it waits in the queue for
+    # whichever worker ends first. (The bulk batch may be queued ahead again, if its lane's
+    # aging gives it the turn on a slow machine.)
+    assert queued(server) == 1
+    recorder.gate.set()
+    assert len(interactive.result(30).outputs) == 1
+    wait_until(lambda: computed(server) == before + 3 * MAX_BATCH_SIZE + 1, what="every batch")
+    assert sorted(size for size, _ in recorder.started[2:]) == [1, MAX_BATCH_SIZE]
+    queued_ahead, recalled_now = next_batches(server)
+    # Both counts are series for operators.
+    (engine,) = server.engines
+    metrics = ServerMetrics("test")
+    metrics.watch(engine)
+    labels = {"model": engine.adapter.name}
+    read = metrics.registry.get_sample_value
+    assert read("embedserve_batches_queued_ahead_total", labels) == queued_ahead
+    assert read("embedserve_batches_recalled_total", labels) == recalled_now
+    assert recalled_now >= recalled + 1
+
+
+def test_holding_the_engine_takes_back_a_batch_queued_on_a_worker(
+    server: InProcessServer, recorder: Recorder
+) -> None:
+    (engine,) = server.engines
+    before = computed(server)
+    start_three_full_batches(server, recorder, Lane.INTERACTIVE)
+    _, recalled = next_batches(server)
+    server.call(engine.hold)
+    assert next_batches(server)[1] == recalled + 1
+    assert queued(server) == MAX_BATCH_SIZE
+    recorder.gate.set()
+    wait_until(lambda: computed(server) == before + 2 * MAX_BATCH_SIZE, what="the running two")
+    assert len(recorder.started) == 2 and queued(server) == MAX_BATCH_SIZE  # held
+    server.call(engine.release)
+    wait_until(lambda: computed(server) == before + 3 * MAX_BATCH_SIZE, what="the third batch")

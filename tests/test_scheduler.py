@@ -437,6 +437,45 @@ def test_cancel_midway_drops_only_the_unscheduled_rest(loop: asyncio.AbstractEve
     assert bench.scheduler.empty
 
 
+def test_a_requeued_batch_comes_back_first_and_whole(loop: asyncio.AbstractEventLoop) -> None:
+    """A batch queued on a worker and taken back before it ran (engine.py,
+    ``_recall_next_batches``) is the next batch again, with the counts as before."""
+    bench = make_bench(loop, max_batch_tokens=100, max_batch_size=4)
+    bench.add([10] * 6, at=0.0)
+    bench.add([10] * 2, at=0.1)
+    scheduler = bench.scheduler
+    first = bench.next()
+    assert len(first) == 4
+    assert scheduler.queued_sequences(Lane.INTERACTIVE) == 4
+    scheduler.requeue(first)
+    assert scheduler.queued_sequences(Lane.INTERACTIVE) == 8
+    assert scheduler.queued_tokens(Lane.INTERACTIVE) == 80
+    assert keys(bench.next()) == keys(first)
+    assert sum(len(b) for b in bench.drain()) == 4
+    assert scheduler.empty and scheduler.queued_tokens(Lane.INTERACTIVE) == 0
+
+
+def test_a_requeued_batch_leaves_out_requests_that_ended_meanwhile(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    bench = make_bench(loop, max_batch_tokens=100, max_batch_size=4)
+    ended = bench.add([10, 10], at=0.0)
+    kept = bench.add([20, 20], at=0.1)
+    bench.add([30], at=0.2, lane=Lane.BULK)
+    batch = bench.next()
+    assert {seq.request for seq in batch} == {ended, kept}
+    bench.cancel(ended)  # nothing of it is queued: forgetting takes nothing off
+    bench.scheduler.requeue(batch)
+    assert bench.scheduler.queued_sequences(Lane.INTERACTIVE) == 2
+    assert bench.scheduler.queued_tokens(Lane.INTERACTIVE) == 40
+    assert (kept.queued_count, kept.queued_tokens, ended.queued_count) == (2, 40, 0)
+    assert bench.scheduler.next_lane(0.0) is Lane.INTERACTIVE
+    assert [seq.request for seq in bench.next()] == [kept, kept]
+    assert bench.scheduler.next_lane(0.0) is Lane.BULK
+    bench.next()
+    assert bench.scheduler.next_lane(0.0) is None
+
+
 def test_queued_tokens_per_lane_return_to_zero(loop: asyncio.AbstractEventLoop) -> None:
     bench = make_bench(loop, max_batch_tokens=512, max_batch_size=8, bulk_aging_s=0.5)
     interactive = [bench.add([9, 17, 33], at=float(i)) for i in range(5)]

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -105,6 +106,10 @@ class Engine:
         self._batch_counter = 0
         # Padded tokens of this engine's batches on the workers now (the trimmer's allowance).
         self._running_padded = 0
+        # This engine's batches on the workers now, and the batch queued behind each, by
+        # worker (``_queue_next_batches``).
+        self._running: dict[int, _RunningBatch] = {}
+        self._next: dict[int, _NextBatch] = {}
         # Batches whose forward pass ended, waiting for the loop to deliver their rows.
         self._finished: deque[tuple[_RunningBatch, tuple[np.ndarray, float] | Exception]] = deque()
         self.drain_rate = DrainRate(limits.max_batch_tokens, limits.max_batch_size)
@@ -198,6 +203,7 @@ class Engine:
 
     async def stop(self) -> None:
         self.state = EngineState.STOPPED
+        self._recall_next_batches()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -208,6 +214,7 @@ class Engine:
     def hold(self) -> None:
         """Stop starting new batches (queued work waits). For tests and operators' debugging."""
         self._held.clear()
+        self._recall_next_batches()
 
     def release(self) -> None:
         self._held.set()
@@ -317,6 +324,9 @@ class Engine:
         request = WorkRequest(sequences, lane, deadline, loop.time(), loop.create_future())
         self.telemetry.request_queued(request, detailed_trace)
         self._scheduler.enqueue(request)
+        if lane is Lane.INTERACTIVE and self._next:
+            # An interactive call goes before bulk work that no worker has started.
+            self._recall_next_batches(Lane.BULK)
         self._outstanding += 1
         self._idle.clear()
         self._wakeup.set()
@@ -435,7 +445,8 @@ class Engine:
 
     def _start_batches(self, loop: asyncio.AbstractEventLoop) -> None:
         """Fill the free workers that the queue is worth (``_batches_worth_starting``);
-        a queue smaller than that many full batches is split among them."""
+        a queue smaller than that many full batches is split among them. Then queue the next
+        batch behind each running one while a full batch is left (``_queue_next_batches``)."""
         count = self._batches_worth_starting()
         now = loop.time()
         batches: list[list[QueuedSequence]] = []
@@ -444,25 +455,87 @@ class Engine:
             if not batch:
                 break
             batches.append(batch)
-        if not batches:
-            return
-        self._bulk_space.set()
-        placements = self.workers.place(len(batches))
-        parallel = self.workers.busy
-        for batch, placement in zip(batches, placements, strict=True):
-            self._batch_counter += 1
-            padded = len(batch) * self._runner.padded_width([s.length for s in batch])
-            span = self.telemetry.batch_started(batch, padded, placement.threads)
+        if batches:
+            self._bulk_space.set()
+            placements = self.workers.place(len(batches))
+            for batch, placement in zip(batches, placements, strict=True):
+                ids = [seq.ids for seq in batch]
+                threads = self.workers.thread_count(placement)
+                outputs = self.workers.run(placement, self._timed_forward, ids, threads)
+                self._batch_began(loop, batch, placement, outputs)
+        self._queue_next_batches(loop, now)
+
+    def _batch_began(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[QueuedSequence],
+        placement: Placement,
+        outputs: asyncio.Future[tuple[np.ndarray, float]],
+    ) -> None:
+        """Account for a batch that its worker runs from now on, and finish it when
+        ``outputs`` is done."""
+        self._batch_counter += 1
+        padded = len(batch) * self._runner.padded_width([s.length for s in batch])
+        span = self.telemetry.batch_started(batch, padded, placement.threads)
+        running = _RunningBatch(
+            self._batch_counter, batch, padded, loop.time(), placement, self.workers.busy, span
+        )
+        self._running[placement.worker] = running
+        self._running_padded += padded
+        if self.workers.host_memory is not None:
+            self.workers.host_memory.batch_started(self._running_padded)
+        outputs.add_done_callback(functools.partial(self._forward_done, running))
+
+    def _queue_next_batches(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """Queue the next batch on each busy worker, behind the batch it runs, while the
+        queue holds a full batch more: the worker then starts it the moment the running one
+        ends, instead of waiting for the event loop to notice and hand it one. A bulk stream
+        saturates the server this way, and its workers lost about 2.5% of their time between
+        batches (docs/benchmarks.md, nineteenth session).
+
+        Only a full batch is queued ahead, from the lane whose turn it is: a batch bound to
+        one worker waits for that worker, where a batch handed out later goes to whichever
+        worker ends first. So a few interactive calls beside a bulk backlog are not queued
+        ahead, and a bulk batch queued ahead goes back to the queue when one arrives.
+        """
+        for worker, running in self._running.items():
+            if worker in self._next:
+                continue
+            lane = self._scheduler.next_lane(now)
+            if lane is None or not self._full_batch_queued(lane):
+                return
+            batch = self._scheduler.next_batch(now)
+            if not batch:
+                return
+            self._bulk_space.set()
+            placement = running.placement
             ids = [seq.ids for seq in batch]
-            running = _RunningBatch(
-                self._batch_counter, batch, padded, loop.time(), placement, parallel, span
-            )
-            self._running_padded += padded
-            if self.workers.host_memory is not None:
-                self.workers.host_memory.batch_started(self._running_padded)
             threads = self.workers.thread_count(placement)
-            outputs = self.workers.run(placement, self._timed_forward, ids, threads)
-            outputs.add_done_callback(functools.partial(self._forward_done, running))
+            job = self.workers.run_next(placement, self._timed_forward, ids, threads)
+            self._next[worker] = _NextBatch(batch, job, asyncio.wrap_future(job, loop=loop))
+            self.stats.next_batches_queued += 1
+
+    def _full_batch_queued(self, lane: Lane) -> bool:
+        limits = self.limits
+        return (
+            self._scheduler.queued_sequences(lane) >= limits.max_batch_size
+            or self._scheduler.queued_tokens(lane) >= limits.max_batch_tokens
+        )
+
+    def _recall_next_batches(self, lane: Lane | None = None) -> None:
+        """Take the next batches that no worker has started yet (of ``lane``, or all) back
+        into the queue, at its head. A batch its worker has started runs as queued."""
+        recalled = False
+        for worker, waiting in list(self._next.items()):
+            if lane is not None and waiting.lane is not lane:
+                continue
+            if waiting.job.cancel():
+                del self._next[worker]
+                self._scheduler.requeue(waiting.batch)
+                self.stats.next_batches_recalled += 1
+                recalled = True
+        if recalled:
+            self._wakeup.set()
 
     def _batches_worth_starting(self) -> int:
         """How many batches to start now: one a free worker, but a batch of less than a
@@ -492,8 +565,14 @@ class Engine:
     def _forward_done(
         self, running: _RunningBatch, done: asyncio.Future[tuple[np.ndarray, float]]
     ) -> None:
-        self.workers.release(running.placement)
+        worker = running.placement.worker
+        del self._running[worker]
         self._running_padded -= running.padded
+        waiting = self._next.pop(worker, None)
+        if waiting is None:
+            self.workers.release(running.placement)
+        else:  # the worker is on it already: the placement passes to it
+            self._batch_began(done.get_loop(), waiting.batch, running.placement, waiting.outputs)
         if done.cancelled():  # the engine is stopping
             return
         error = done.exception()
@@ -553,6 +632,21 @@ class Engine:
         batch_id, started = running.batch_id, running.started
         for seq, row in zip(batch, rows, strict=True):
             seq.request.deliver(batch_id, started, elapsed, seq.index, row)
+
+
+@dataclass(frozen=True)
+class _NextBatch:
+    """A batch queued on a busy worker, behind the batch it runs (``_queue_next_batches``)."""
+
+    batch: list[QueuedSequence]
+    # The worker's job, which ``cancel()`` takes back until the worker starts it, and the
+    # same result on the event loop.
+    job: Future[tuple[np.ndarray, float]]
+    outputs: asyncio.Future[tuple[np.ndarray, float]]
+
+    @property
+    def lane(self) -> Lane:
+        return self.batch[0].request.lane
 
 
 @dataclass(frozen=True)

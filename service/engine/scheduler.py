@@ -85,6 +85,22 @@ class Scheduler:
         request.queued_tokens = request.queued_count = 0
         return dropped
 
+    def requeue(self, batch: list[QueuedSequence]) -> None:
+        """Put back a batch from ``next_batch`` that never ran, at the head of its lane and
+        in its order: it was the oldest work there. Sequences of requests that ended since
+        (expired, cancelled) are left out, as ``forget`` already took them off the counts."""
+        if not batch:
+            return
+        queue = self._lanes[batch[0].request.lane]
+        back = [seq for seq in batch if seq.request.live]
+        queue.items.extendleft(reversed(back))
+        for seq in back:
+            request = seq.request
+            request.queued_count += 1
+            request.queued_tokens += seq.length
+            queue.count += 1
+            queue.tokens += seq.length
+
     def next_batch(self, now: float, share: int = 1) -> list[QueuedSequence]:
         """The next forward pass: the oldest live sequence (by aged time) and the queued
         sequences of its lane closest to it in length, within the budget.
@@ -112,6 +128,11 @@ class Scheduler:
             queue.count -= 1
             queue.tokens -= seq.length
         return chosen
+
+    def next_lane(self, now: float) -> Lane | None:
+        """The lane ``next_batch`` takes from now, or None when nothing is queued."""
+        queue = self._pick_lane(now)
+        return None if queue is None else queue.lane
 
     def _pick_lane(self, now: float) -> _LaneQueue | None:
         best: _LaneQueue | None = None

@@ -17,3 +17,7 @@ class EngineStats:
     sequences_cancelled: int = 0
     requests_rejected: int = 0
     forward_failures: int = 0
+    # Batches queued on a busy worker behind its running batch, and those of them taken
+    # back into the queue before the worker started them (an interactive call came).
+    next_batches_queued: int = 0
+    next_batches_recalled: int = 0

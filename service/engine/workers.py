@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -181,13 +181,19 @@ class ForwardWorkers:
         return lambda: placement.threads
 
     def run(self, placement: Placement, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """Run ``job(*args)`` on the placement's worker; the caller releases the placement."""
-        loop = asyncio.get_running_loop()
+        """Run ``job(*args)`` on the placement's worker; the caller releases the placement.
+        Call it on the event loop."""
+        return asyncio.wrap_future(self.run_next(placement, job, *args))
+
+    def run_next(self, placement: Placement, job: Callable[..., T], *args: object) -> Future[T]:
+        """Queue ``job(*args)`` on the placement's worker, behind the batch it runs now if
+        any, so that the worker goes on to it without waiting for the event loop. Until the
+        worker starts it, ``cancel()`` on the returned future takes it back."""
         executor = self._executor(placement.worker)
-        future = loop.run_in_executor(executor, job, *args)
+        future = executor.submit(job, *args)
         if self.host_memory is not None and self.host_memory.interval_elapsed():
             # Queued behind the job on the same thread: the job's result does not wait for
-            # it, and a batch placed on this worker next starts after it. The resident set
+            # it, and a batch queued on this worker next starts after it. The resident set
             # is read there too, off the event loop.
             executor.submit(self.host_memory.trim_if_due)
         return future

@@ -174,6 +174,16 @@ class _EngineCollector(Collector):
         failures = CounterMetricFamily(
             "embedserve_forward_failures", "Forward passes that failed.", labels=["model"]
         )
+        queued_ahead = CounterMetricFamily(
+            "embedserve_batches_queued_ahead",
+            "Batches queued on a busy forward worker, behind the batch it runs.",
+            labels=["model"],
+        )
+        recalled = CounterMetricFamily(
+            "embedserve_batches_recalled",
+            "Batches queued ahead that went back to the queue before they ran.",
+            labels=["model"],
+        )
         tasks = GaugeMetricFamily(
             "embedserve_event_loop_tasks",
             "asyncio tasks alive in the server process (a leak shows as growth).",
@@ -198,6 +208,8 @@ class _EngineCollector(Collector):
             expired.add_metric([model], stats.sequences_expired)
             cancelled.add_metric([model], stats.sequences_cancelled)
             failures.add_metric([model], stats.forward_failures)
+            queued_ahead.add_metric([model], stats.next_batches_queued)
+            recalled.add_metric([model], stats.next_batches_recalled)
             device = engine.adapter.device
             info.add_metric(
                 [model, self.version, engine.adapter.family, str(device.device), device.dtype_name],
@@ -217,6 +229,8 @@ class _EngineCollector(Collector):
             expired,
             cancelled,
             failures,
+            queued_ahead,
+            recalled,
             info,
         )
 
