@@ -571,7 +571,7 @@ class Engine:
         waiting = self._next.pop(worker, None)
         if waiting is None:
             self.workers.release(running.placement)
-        else:  # the worker is on it already: the placement passes to it
+        else:  # next in the worker's own queue: the placement passes to it
             self._batch_began(done.get_loop(), waiting.batch, running.placement, waiting.outputs)
         if done.cancelled():  # the engine is stopping
             return
