@@ -24,7 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +70,9 @@ def one_run(
 
 def forward_seconds(metrics_port: int) -> float:
     """The server's forward passes so far, in seconds (summed over its workers)."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
+        for line in procs.metrics_text(metrics_port).splitlines()
         if line.startswith("embedserve_forward_duration_seconds_sum")
     )
 

@@ -49,6 +49,14 @@ def free_port() -> int:
         return port
 
 
+def metrics_text(port: int, timeout: float = 10) -> str:
+    """What the ``/metrics`` endpoint of a server started with ``--metrics-port`` serves."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text: str = response.read().decode()
+        return text
+
+
 def proc_status(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM of a process, in MiB."""
     out: dict[str, float] = {}

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from bench import procs
 from embedserve.v1 import (
     embed_service_pb2,
     embed_service_pb2_grpc,
@@ -121,11 +121,7 @@ def _drain(stream: Any) -> None:
 def sample(pid: int, metrics_port: int) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(re.findall(r"^(\w+):\s+(\d+)", status, re.MULTILINE))
-    scrape = (
-        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
+    scrape = procs.metrics_text(metrics_port, timeout=5)
     tasks = re.search(r"^embedserve_event_loop_tasks\{[^}]*\} (\S+)$", scrape, re.MULTILINE)
     return {
         "t": time.monotonic(),

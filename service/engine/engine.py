@@ -104,8 +104,6 @@ class Engine:
         self._held.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._batch_counter = 0
-        # Padded tokens of this engine's batches on the workers now (the trimmer's allowance).
-        self._running_padded = 0
         # This engine's batches on the workers now, and the batch queued behind each, by
         # worker (``_queue_next_batches``).
         self._running: dict[int, _RunningBatch] = {}
@@ -459,21 +457,18 @@ class Engine:
             self._bulk_space.set()
             placements = self.workers.place(len(batches))
             for batch, placement in zip(batches, placements, strict=True):
-                ids = [seq.ids for seq in batch]
-                threads = self.workers.thread_count(placement)
-                outputs = self.workers.run(placement, self._timed_forward, ids, threads)
-                self._batch_began(loop, batch, placement, outputs)
-        self._queue_next_batches(loop, now)
+                self._batch_began(loop, batch, placement, self._submit_forward(batch, placement))
+        self._queue_next_batches(now)
 
     def _batch_began(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[QueuedSequence],
         placement: Placement,
-        outputs: asyncio.Future[tuple[np.ndarray, float]],
+        job: Future[tuple[np.ndarray, float]],
     ) -> None:
-        """Account for a batch that its worker runs from now on, and finish it when
-        ``outputs`` is done."""
+        """Account for a batch that its worker runs from now on, and finish it when its
+        ``job`` is done."""
         self._batch_counter += 1
         padded = len(batch) * self._runner.padded_width([s.length for s in batch])
         span = self.telemetry.batch_started(batch, padded, placement.threads)
@@ -481,12 +476,13 @@ class Engine:
             self._batch_counter, batch, padded, loop.time(), placement, self.workers.busy, span
         )
         self._running[placement.worker] = running
-        self._running_padded += padded
         if self.workers.host_memory is not None:
-            self.workers.host_memory.batch_started(self._running_padded)
+            # The padded tokens of this engine's batches on the workers: the allowance.
+            self.workers.host_memory.batch_started(sum(r.padded for r in self._running.values()))
+        outputs = asyncio.wrap_future(job, loop=loop)
         outputs.add_done_callback(functools.partial(self._forward_done, running))
 
-    def _queue_next_batches(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+    def _queue_next_batches(self, now: float) -> None:
         """Queue the next batch on each busy worker, behind the batch it runs, while the
         queue holds a full batch more: the worker then starts it the moment the running one
         ends, instead of waiting for the event loop to notice and hand it one. A bulk stream
@@ -502,24 +498,30 @@ class Engine:
             if worker in self._next:
                 continue
             lane = self._scheduler.next_lane(now)
-            if lane is None or not self._full_batch_queued(lane):
+            if lane is None or self._quarter_batches_queued(lane) < 4:  # a full batch
                 return
             batch = self._scheduler.next_batch(now)
             if not batch:
                 return
             self._bulk_space.set()
-            placement = running.placement
-            ids = [seq.ids for seq in batch]
-            threads = self.workers.thread_count(placement)
-            job = self.workers.run_next(placement, self._timed_forward, ids, threads)
-            self._next[worker] = _NextBatch(batch, job, asyncio.wrap_future(job, loop=loop))
+            self._next[worker] = _NextBatch(batch, self._submit_forward(batch, running.placement))
             self.stats.next_batches_queued += 1
 
-    def _full_batch_queued(self, lane: Lane) -> bool:
+    def _submit_forward(
+        self, batch: list[QueuedSequence], placement: Placement
+    ) -> Future[tuple[np.ndarray, float]]:
+        """The batch's forward pass, queued on its placement's worker."""
+        ids = [seq.ids for seq in batch]
+        threads = self.workers.thread_count(placement)
+        return self.workers.run_next(placement, self._timed_forward, ids, threads)
+
+    def _quarter_batches_queued(self, lane: Lane) -> int:
+        """How many quarters of a full batch ``lane`` holds, in sequences or in tokens,
+        whichever fills a batch first."""
         limits = self.limits
-        return (
-            self._scheduler.queued_sequences(lane) >= limits.max_batch_size
-            or self._scheduler.queued_tokens(lane) >= limits.max_batch_tokens
+        return max(
+            4 * self._scheduler.queued_sequences(lane) // limits.max_batch_size,
+            4 * self._scheduler.queued_tokens(lane) // limits.max_batch_tokens,
         )
 
     def _recall_next_batches(self, lane: Lane | None = None) -> None:
@@ -550,14 +552,7 @@ class Engine:
         free = self.workers.free
         if not free:
             return 0
-        limits = self.limits
-        quarters = max(
-            max(
-                4 * self._scheduler.queued_sequences(lane) // limits.max_batch_size,
-                4 * self._scheduler.queued_tokens(lane) // limits.max_batch_tokens,
-            )
-            for lane in Lane
-        )
+        quarters = max(self._quarter_batches_queued(lane) for lane in Lane)
         if not self.workers.busy:
             quarters = max(1, quarters)
         return min(free, quarters)
@@ -567,12 +562,11 @@ class Engine:
     ) -> None:
         worker = running.placement.worker
         del self._running[worker]
-        self._running_padded -= running.padded
         waiting = self._next.pop(worker, None)
         if waiting is None:
             self.workers.release(running.placement)
         else:  # next in the worker's own queue: the placement passes to it
-            self._batch_began(done.get_loop(), waiting.batch, running.placement, waiting.outputs)
+            self._batch_began(done.get_loop(), waiting.batch, running.placement, waiting.job)
         if done.cancelled():  # the engine is stopping
             return
         error = done.exception()
@@ -639,10 +633,8 @@ class _NextBatch:
     """A batch queued on a busy worker, behind the batch it runs (``_queue_next_batches``)."""
 
     batch: list[QueuedSequence]
-    # The worker's job, which ``cancel()`` takes back until the worker starts it, and the
-    # same result on the event loop.
+    # The worker's job, which ``cancel()`` takes back until the worker starts it.
     job: Future[tuple[np.ndarray, float]]
-    outputs: asyncio.Future[tuple[np.ndarray, float]]
 
     @property
     def lane(self) -> Lane:
